@@ -1,0 +1,27 @@
+"""Training, personalisation, early-exit inference, calibration and profiling. No Flower here:
+everything is usable from a notebook."""
+
+from .calibration import THRESHOLDS, Calibration, ExitCosts, apply_calibration, calibrate, pareto_front, sweep
+from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .inference import (
+    EarlyExitOutput,
+    dynamic_inference,
+    exit_accuracies,
+    exit_probabilities,
+    fixed_exit_inference,
+)
+from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
+from .personalise import (
+    METHODS,
+    PRESETS,
+    PersonalisationConfig,
+    PersonalisationResult,
+    finetune_final,
+    finetune_full,
+    no_personalisation,
+    personalise,
+)
+from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
+from .train import TrainConfig, train_global
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,86 @@
+"""Frozen-backbone features for exit training, computed once and reused across epochs.
+
+The backbone and the final classifier are frozen during personalisation, so the features at the
+attach points and the final exit's logits do not change between epochs: computing them once turns
+personalisation from `epochs` backbone passes into one. Exits whose features would not fit the
+memory budget are recomputed per batch; with data augmentation nothing is cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class FrozenFeatures:
+    """Serves (features at every attach point, final logits) for batches of a fixed sample set."""
+
+    def __init__(
+        self,
+        model,
+        x: torch.Tensor,
+        cache: bool = True,
+        budget_mb: float = 512.0,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        chunk_size: int = 256,
+    ):
+        self.model = model
+        self.x = x
+        self.augment = augment
+        self.chunk_size = chunk_size
+        self.cached_exits: list[int] = []
+        self.cached_features: dict[int, torch.Tensor] = {}
+        self.final_logits: torch.Tensor | None = None
+        if augment is None and cache:
+            self._fill_cache(budget_mb)
+
+    @property
+    def uncached_exits(self) -> list[int]:
+        return [k for k in range(self.model.num_exits) if k not in self.cached_features]
+
+    @torch.no_grad()
+    def _fill_cache(self, budget_mb: float) -> None:
+        """One pass over the samples; keep the final logits and, within the budget, the features
+        of the exits that are most expensive to recompute per byte of cache."""
+        model, n = self.model, len(self.x)
+        shapes = [f.shape[1:] for f in model.backbone_features(self.x[:1])[0]]
+        nbytes = [n * s.numel() * self.x.element_size() for s in shapes]
+        # Recompute cost of an exit grows with its depth: prefer deep exits, then small ones.
+        order = sorted(range(model.num_exits), key=lambda k: (-model.exit_after[k], nbytes[k]))
+        budget, keep = budget_mb * 2**20, []
+        for k in order:
+            if nbytes[k] <= budget:
+                keep.append(k)
+                budget -= nbytes[k]
+        self.cached_exits = sorted(keep)
+        parts = {k: [] for k in keep}
+        finals = []
+        for sl in _chunks(n, self.chunk_size):
+            features, final_logits = model.backbone_features(self.x[sl])
+            for k in keep:
+                parts[k].append(features[k])
+            finals.append(final_logits)
+        self.cached_features = {k: torch.cat(v) for k, v in parts.items()}
+        self.final_logits = torch.cat(finals)
+
+    @torch.no_grad()
+    def batch(self, index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features of every exit and final logits for the samples in `index`."""
+        if self.final_logits is None:  # augmentation or caching off: the paper's way
+            x = self.x[index]
+            return self.model.backbone_features(x if self.augment is None else self.augment(x))
+        missing = self.uncached_exits
+        recomputed: list[torch.Tensor] = []
+        if missing:
+            recomputed, _ = self.model.backbone_features(self.x[index], upto=max(missing) + 1)
+        features = [
+            self.cached_features[k][index] if k in self.cached_features else recomputed[k]
+            for k in range(self.model.num_exits)
+        ]
+        return features, self.final_logits[index]

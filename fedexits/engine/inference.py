@@ -1,0 +1,92 @@
+"""Early-exit inference: dynamic (confidence thresholds) and fixed-exit (truncated network)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import ExitCosts
+
+
+@dataclass
+class EarlyExitOutput:
+    predictions: torch.Tensor  # (N,) int64
+    exit_taken: torch.Tensor  # (N,) int64, M = final classifier
+    confidence: torch.Tensor  # (N,) top-1 softmax at the exit taken
+    mflops: torch.Tensor  # (N,) MFLOPs spent on each sample
+
+    @property
+    def total_mflops(self) -> float:
+        return float(self.mflops.sum())
+
+
+def normalise_thresholds(thresholds, num_exits: int) -> list[float | None]:
+    """One threshold for all exits, or one per early exit; None/NaN switches an exit off."""
+    if thresholds is None or isinstance(thresholds, (int, float)):
+        thresholds = [thresholds] * num_exits
+    thresholds = [None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t) for t in thresholds]
+    if len(thresholds) != num_exits:
+        raise ValueError(f"expected {num_exits} thresholds (one per early exit), got {len(thresholds)}")
+    for t in thresholds:
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds must be in [0, 1], got {t}")
+    return thresholds
+
+
+@torch.no_grad()
+def dynamic_inference(model, x: torch.Tensor, thresholds, cost_table, batch_size: int = 256) -> EarlyExitOutput:
+    """Each sample leaves at the first exit whose top-1 softmax exceeds its threshold, else at the
+    final classifier. Samples that left are dropped from the batch, so later blocks do less work."""
+    thresholds = normalise_thresholds(thresholds, model.num_exits)
+    model.eval()
+    costs = ExitCosts.flops(cost_table).per_exit([t is not None for t in thresholds]).float()
+    at_block = {j: k for k, j in enumerate(model.exit_after)}
+    n = len(x)
+    predictions = torch.empty(n, dtype=torch.long)
+    exit_taken = torch.empty(n, dtype=torch.long)
+    confidence = torch.empty(n)
+    for start in range(0, n, batch_size):
+        h = x[start : start + batch_size]
+        alive = torch.arange(start, start + len(h))
+        for j, block in enumerate(model.blocks):
+            h = block(h)
+            k = at_block.get(j)
+            if k is None or thresholds[k] is None:
+                continue
+            conf, pred = model.exits[k](h).softmax(dim=1).max(dim=1)
+            leave = conf > thresholds[k]
+            if leave.any():
+                ids = alive[leave]
+                predictions[ids], exit_taken[ids], confidence[ids] = pred[leave], k, conf[leave]
+                stay = ~leave
+                h, alive = h[stay], alive[stay]
+                if len(alive) == 0:
+                    break
+        if len(alive):
+            conf, pred = model.classifier(h).softmax(dim=1).max(dim=1)
+            predictions[alive], exit_taken[alive], confidence[alive] = pred, model.num_exits, conf
+    return EarlyExitOutput(predictions, exit_taken, confidence, costs[exit_taken])
+
+
+@torch.no_grad()
+def fixed_exit_inference(model, x: torch.Tensor, exit_index: int, batch_size: int = 256) -> torch.Tensor:
+    """Logits of the network truncated at `exit_index` (M = full network)."""
+    model.eval()
+    return torch.cat([model.forward_to_exit(x[s : s + batch_size], exit_index) for s in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Softmax of every exit for every sample: (M+1, N, classes). One pass; what calibration,
+    evaluation and profiling work from."""
+    model.eval()
+    parts = [torch.stack(model(x[s : s + batch_size])).softmax(dim=-1) for s in range(0, len(x), batch_size)]
+    return torch.cat(parts, dim=1)
+
+
+def exit_accuracies(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Top-1 accuracy of every exit against `targets`."""
+    return (probs.argmax(-1) == targets).float().mean(dim=1).tolist()

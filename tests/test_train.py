@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedexits.engine import TrainConfig, load_model, measure_latency, peak_memory_mb, train_global
+from fedexits.engine.checkpoint import save_checkpoint
+from fedexits.engine.profiling import latency_costs
+from fedexits.models import build_multi_exit
+
+from .conftest import make_tiny_model, make_user
+
+
+def fresh(num_exits=3):
+    torch.manual_seed(0)
+    return build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=0.25, num_exits=num_exits)
+
+
+def data(n=96):
+    return TensorDataset(*make_user(n=n, seed=11))
+
+
+class CrashingDataset(torch.utils.data.Dataset):
+    """Serves `limit` samples, then fails: a run killed during its second epoch."""
+
+    def __init__(self, base, limit):
+        self.base, self.limit, self.served = base, limit, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.served += 1
+        if self.served > self.limit:
+            raise RuntimeError("power cut")
+        return self.base[i]
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.05)
+    straight = fresh()
+    history = train_global(straight, data(), config, tmp_path / "a.pt", progress=False)
+    assert len(history["epoch_loss"]) == 2
+    path = tmp_path / "b.pt"
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_global(fresh(), CrashingDataset(data(), limit=96 + 40), config, path, progress=False)
+    resumed = fresh()
+    resumed_history = train_global(resumed, data(), config, path, progress=False)
+    assert resumed_history["epoch_loss"] == pytest.approx(history["epoch_loss"])
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
+
+
+def test_joint_training_lowers_the_loss_of_every_exit():
+    model = fresh()
+    x, y = make_user(n=256, seed=2)
+    before = [torch.nn.functional.cross_entropy(z, y).item() for z in model.eval()(x)]
+    train_global(model, TensorDataset(x, y), TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False)
+    after = [torch.nn.functional.cross_entropy(z, y).item() for z in model(x)]
+    assert all(a < b for a, b in zip(after, before))
+
+
+def test_exits_only_training_freezes_the_backbone():
+    model = make_tiny_model(num_exits=4)
+    backbone = {k: v.clone() for k, v in model.blocks.state_dict().items()}
+    exits = {k: v.clone() for k, v in model.exits.state_dict().items()}
+    train_global(model, data(), TrainConfig(mode="exits_only", epochs=1, batch_size=32), progress=False)
+    assert all(torch.equal(backbone[k], v) for k, v in model.blocks.state_dict().items())
+    assert any(not torch.equal(exits[k], v) for k, v in model.exits.state_dict().items())
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = make_tiny_model(num_exits=4)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, note="hello")
+    loaded, checkpoint = load_model(path, spec=model.spec)
+    assert checkpoint["note"] == "hello"
+    x, _ = make_user(n=4)
+    torch.testing.assert_close(loaded(x)[-1], model(x)[-1])
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves nothing behind
+
+    other = build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=0.25, num_exits=3)
+    with pytest.raises(ValueError, match=r"another architecture \(num_exits: checkpoint 4 vs model 3\)"):
+        load_model(path, spec=other.spec)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="corrupt or not a torch file"):
+        load_model(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a fedexits checkpoint"):
+        load_model(foreign)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    train_global(fresh(), data(), TrainConfig(epochs=1, batch_size=32), path, progress=False)
+    with pytest.raises(ValueError, match="another training or data config"):
+        train_global(fresh(), data(), TrainConfig(epochs=1, batch_size=32, lr=0.1), path, progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(mode="both"), "mode must be"), (dict(epochs=0), "epochs must be"), (dict(lr=-1.0), "lr must be")],
+)
+def test_bad_training_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_latency_profile_and_peak_memory(tiny_model):
+    table = measure_latency(tiny_model, batch_sizes=(1, 4), repeats=3)
+    assert len(table) == 2 * (tiny_model.num_exits + 1)
+    assert (table["latency_ms"] > 0).all() and (table["head_ms"] > 0).all()
+    b1 = table[table.batch_size == 1].set_index("exit")["latency_ms"]
+    assert b1.iloc[-1] > b1.iloc[0]  # the full network is slower than the first exit
+    costs = latency_costs(table, batch_size=1)
+    assert len(costs.backbone) == tiny_model.num_exits + 1
+    _, peak = peak_memory_mb(lambda: torch.ones(64, 2**20).sum())  # 256 MB
+    assert 200 < peak < 400
