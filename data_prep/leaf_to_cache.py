@@ -1,0 +1,46 @@
+"""Convert LEAF FEMNIST JSON (train/ and test/ folders) into fedexits' compact cache.
+
+    python data_prep/leaf_to_cache.py /path/to/leaf/data --cache-dir ~/.cache/fedexits
+
+The cache lands where `build_population({"source": "femnist_leaf", "path": ..., "cache_dir": ...})`
+looks for it (keyed by the source path), so running this first just saves the wait later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+
+from fedexits.data import DataError
+from fedexits.data.config import CommonConfig
+from fedexits.data.leaf import leaf_cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="LEAF data folder with train/*.json and test/*.json")
+    parser.add_argument(
+        "--cache-dir", default=CommonConfig.cache_dir, help="cache root (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cache = leaf_cache(args.source, os.path.abspath(os.path.expanduser(args.cache_dir)))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    counts = np.array([count for _, count in cache.users.values()])
+    print(f"cache: {cache.path}")
+    print(
+        f"writers: {len(counts)}, images: {counts.sum()}, per writer: mean {counts.mean():.1f}, "
+        f"sd {counts.std():.1f}, min {counts.min()}, max {counts.max()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

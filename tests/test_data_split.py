@@ -1,0 +1,67 @@
+import pytest
+
+from fedexits.data import DataError
+from fedexits.data.config import parse_config
+from fedexits.data.split import choose_held_out, labelled_mask, split_user
+
+
+def config(**overrides):
+    return parse_config({"source": "synthetic", **overrides})
+
+
+def test_split_sizes_and_fraction_note_for_small_users():
+    cfg = config(n_test=100)
+    train, test, notes = split_user("big", 250, cfg)
+    assert (len(train), len(test), notes) == (150, 100, [])
+    assert set(train).isdisjoint(test) and len(set(train) | set(test)) == 250
+    train, test, notes = split_user("small", 120, cfg)
+    assert (len(train), len(test)) == (60, 60)
+    assert notes and "120 images" in notes[0] and "50%" in notes[0]
+
+
+def test_user_with_too_few_images_names_user_and_counts():
+    with pytest.raises(DataError, match=r"user tiny has 3 images; need at least 10"):
+        split_user("tiny", 3, config(min_images=10))
+
+
+def test_held_out_by_count_is_seeded_and_excludes_small_users():
+    counts = {f"u{i}": 50 for i in range(20)} | {"small": 5}
+    global_a, held_a, dropped = choose_held_out(counts, config(num_held_out=5, seed=1))
+    _, held_b, _ = choose_held_out(counts, config(num_held_out=5, seed=1))
+    _, held_c, _ = choose_held_out(counts, config(num_held_out=5, seed=2))
+    assert held_a == held_b and held_a != held_c
+    assert len(held_a) == 5 and set(held_a).isdisjoint(global_a)
+    assert dropped == ["small"] and "small" not in global_a + held_a
+
+
+def test_held_out_file(tmp_path):
+    counts = {f"u{i}": 50 for i in range(5)} | {"small": 3}
+    listing = tmp_path / "held_out.txt"
+    listing.write_text("# held out\nu3\n\nu1\n")
+    global_users, held_out, _ = choose_held_out(counts, config(held_out_file=str(listing)))
+    assert held_out == ["u3", "u1"] and "u3" not in global_users
+    listing.write_text("u1\nghost\n")
+    with pytest.raises(DataError, match="ghost"):
+        choose_held_out(counts, config(held_out_file=str(listing)))
+    listing.write_text("small\n")
+    with pytest.raises(DataError, match="user small has 3 images; need at least 10"):
+        choose_held_out(counts, config(held_out_file=str(listing)))
+    with pytest.raises(DataError, match="missing.txt"):
+        choose_held_out(counts, config(held_out_file=str(tmp_path / "missing.txt")))
+
+
+def test_too_many_held_out_users():
+    with pytest.raises(DataError, match="num_held_out=5"):
+        choose_held_out({f"u{i}": 50 for i in range(5)}, config(num_held_out=5))
+
+
+def test_label_fraction_rounds_and_nests():
+    assert int(labelled_mask("u", 30, 0.0, 0).sum()) == 0
+    assert int(labelled_mask("u", 30, 1.0, 0).sum()) == 30
+    quarter, half = labelled_mask("u", 30, 0.25, 7), labelled_mask("u", 30, 0.5, 7)
+    assert int(quarter.sum()) == 8 and int(half.sum()) == 15
+    assert bool((half | ~quarter).all())  # every sample labelled at 25% is labelled at 50%
+    assert not bool((labelled_mask("u", 30, 0.5, 8) == half).all())
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(DataError, match="label_fraction"):
+            labelled_mask("u", 30, bad, 0)
