@@ -54,9 +54,9 @@ def test_joint_training_lowers_the_loss_of_every_exit():
     model = fresh()
     x, y = make_user(n=256, seed=2)
     before = [torch.nn.functional.cross_entropy(z, y).item() for z in model.eval()(x)]
-    train_global(model, TensorDataset(x, y), TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False)
+    train_global(model, TensorDataset(x, y), TrainConfig(epochs=5, batch_size=32, lr=0.05), progress=False)
     after = [torch.nn.functional.cross_entropy(z, y).item() for z in model(x)]
-    assert all(a < b for a, b in zip(after, before))
+    assert all(a < b - 0.3 for a, b in zip(after, before))
 
 
 def test_exits_only_training_freezes_the_backbone():
@@ -76,7 +76,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     assert checkpoint["note"] == "hello"
     x, _ = make_user(n=4)
     torch.testing.assert_close(loaded(x)[-1], model(x)[-1])
-    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves nothing behind
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
 
     other = build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=0.25, num_exits=3)
     with pytest.raises(ValueError, match=r"another architecture \(num_exits: checkpoint 4 vs model 3\)"):
@@ -117,5 +117,11 @@ def test_latency_profile_and_peak_memory(tiny_model):
     assert b1.iloc[-1] > b1.iloc[0]  # the full network is slower than the first exit
     costs = latency_costs(table, batch_size=1)
     assert len(costs.backbone) == tiny_model.num_exits + 1
-    _, peak = peak_memory_mb(lambda: torch.ones(64, 2**20).sum())  # 256 MB
-    assert 200 < peak < 400
+    def work():
+        a = torch.ones(64, 2**20)  # 256 MB
+        b = a * 2  # +256 MB at the peak
+        del b
+        return a
+
+    kept, peak = peak_memory_mb(work)
+    assert peak == 512 and kept.shape == (64, 2**20)

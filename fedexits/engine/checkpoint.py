@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..models import MultiExitSpec, build_multi_exit
 
 FORMAT = "fedexits-checkpoint-v1"
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """Write to a temp file in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda handle: torch.save(obj, handle), "wb")
 
 
 def save_checkpoint(path: str | Path, model, **extra) -> None:

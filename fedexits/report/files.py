@@ -9,43 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-
-def _atomic_write(path: Path, write: Callable[[IO], None], mode: str) -> Path:
-    """Write through `write(fileobj)` into a temp file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with 0o666 lets the umask decide the final permissions, as for a plain open();
-    # tempfile.mkstemp would leave the file readable by its owner only.
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        encoding = None if "b" in mode else "utf-8"
-        newline = None if "b" in mode else ""
-        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as handle:
-            write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+from fedexits.atomic import atomic_write
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda handle: handle.write(text), "w")
+    return atomic_write(path, lambda handle: handle.write(text), "w")
 
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> Path:
     """Write without the index; an empty frame still gets its header row."""
-    return _atomic_write(path, lambda handle: frame.to_csv(handle, index=False), "w")
+    return atomic_write(path, lambda handle: frame.to_csv(handle, index=False), "w")
 
 
 def atomic_write_json(obj: Any, path: Path) -> Path:
@@ -57,7 +37,7 @@ def atomic_write_json(obj: Any, path: Path) -> Path:
 def atomic_save_figure(figure, path: Path) -> Path:
     """Save a matplotlib Figure as PNG atomically (format given explicitly: the temp name has
     no .png suffix)."""
-    return _atomic_write(
+    return atomic_write(
         path,
         lambda handle: figure.savefig(handle, format="png", dpi=120, bbox_inches="tight"),
         "wb",
