@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import pandas as pd
-import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .calibration import ExitCosts
 
@@ -37,11 +38,7 @@ def measure_latency(model, batch_sizes: Sequence[int] = (1, 32), repeats: int = 
     rows = []
     for b in batch_sizes:
         x = torch.randn(b, *model.input_shape)
-        features, _ = model.backbone_features(x)
-        last = x
-        for block in model.blocks:
-            last = block(last)
-        head_inputs = features + [last]
+        head_inputs = model.attach_point_features(x)  # every exit's input, then the classifier's
         heads = list(model.exits) + [model.classifier]
         for k, (head, h) in enumerate(zip(heads, head_inputs)):
             rows.append(
@@ -88,26 +85,48 @@ def confidence_profile(probs: torch.Tensor, targets: torch.Tensor) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def peak_memory_mb(fn: Callable[[], object], interval_s: float = 0.002) -> tuple[object, float]:
-    """Run `fn` and return (its result, peak increase of this process's resident memory in MB).
-    PyTorch has no CPU allocator statistics, so RSS is sampled from a thread."""
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    peak = baseline
-    done = threading.Event()
+class LiveTensorMemory(TorchDispatchMode):
+    """Tracks the bytes of every CPU tensor storage created under it and still alive; `peak` is
+    the high-water mark. Exact and allocator-independent (RSS is not: a process reuses freed heap
+    pages), but every op pays a Python hook, so do not time code while measuring it."""
 
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            done.wait(interval_s)
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors using it]
+        self.current = 0
+        self.peak = 0
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    def _release(self, address: int) -> None:
+        entry = self.live.get(address)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                address = storage.data_ptr()
+                if address == 0:
+                    continue
+                entry = self.live.get(address)
+                if entry is None:
+                    entry = self.live[address] = [storage.nbytes(), 0]
+                    self.current += entry[0]
+                    self.peak = max(self.peak, self.current)
+                entry[1] += 1
+                weakref.finalize(t, self._release, address)
+        return out
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> tuple[object, float]:
+    """Run `fn`; return (its result, peak MB of tensor memory allocated while it ran). Inputs
+    that existed before are not counted; the memory-bound part of personalisation (feature cache,
+    activations, gradients, optimizer state) is."""
+    probe = LiveTensorMemory()
+    with probe:
         result = fn()
-    finally:
-        done.set()
-        sampler.join()
-    peak = max(peak, process.memory_info().rss)
-    return result, (peak - baseline) / 2**20
+    return result, probe.peak / 2**20

@@ -92,6 +92,7 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
         method=p.pop("method", "exits"),
         drop_tolerance_pp=float(p.pop("drop_tolerance_pp", 1.0)),
         prune_exits=bool(p.pop("prune_exits", True)),
+        profile_memory=bool(config["simulation"].get("profile_memory", False)),
     )
     p.pop("label_fraction", None)
     preset = p.pop("preset", "default")
