@@ -36,7 +36,7 @@ def summarise(per_user: pd.DataFrame) -> dict:
     wide = early.pivot_table(index=["user", "exit"], columns="stage", values="accuracy")
     gain = (wide["personalised"] - wide["global"]) * 100
     by_exit = gain.groupby(level="exit")
-    guard = early[early["stage"] == "personalised"]["guard_fired"].astype(float)
+    guard = pd.to_numeric(early[early["stage"] == "personalised"]["guard_fired"], errors="coerce")
     return {
         "mean_gain_pp": gain.mean(),
         "gain_pp_per_exit": by_exit.mean().round(2).tolist(),
@@ -53,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
     parser.add_argument("--out", default="results/personalisation_defaults")
+    parser.add_argument("--candidates", type=json.loads, default=CANDIDATES,
+                        help='JSON {"name": {setting: value}} replacing the built-in candidates')
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,14 +64,15 @@ def main() -> None:
     exits = model.exits.state_dict()
     held_out = prepared.users[: prepared.num_held_out]
     rows = []
-    for name, change in CANDIDATES.items():
+    for name, change in args.candidates.items():
         run_config = json.loads(json.dumps(prepared.config))
         run_config["personalisation"].update(change)
         get_worker.cache_clear()
         started = time.perf_counter()
         records = run_users_in_process(run_config, held_out, exits, init=name)
         frames = build_frames(records, prepared.cost_table)
-        frames["per_user"].to_csv(out / f"per_user_{len(rows)}.csv", index=False)
+        slug = "".join(c if c.isalnum() else "_" for c in name)
+        frames["per_user"].to_csv(out / f"per_user_{slug}.csv", index=False)
         row = {"setting": name, **summarise(frames["per_user"]), "seconds": time.perf_counter() - started,
                "users": len(held_out), "failed": len(frames["failures"])}
         rows.append(row)

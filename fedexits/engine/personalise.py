@@ -39,6 +39,7 @@ class PersonalisationConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     guard: bool = True  # keep an exit's global weights unless personalised ones win on validation
+    guard_metric: str = "cross_entropy"  # or "accuracy" (ties broken by cross-entropy)
     val_fraction: float = 0.2
     cache: bool = True  # compute frozen-backbone features once (else: every epoch)
     cache_budget_mb: float = 512.0
@@ -53,6 +54,7 @@ class PersonalisationConfig:
             ("batch_size", self.batch_size >= 2, "an integer >= 2"),
             ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
             ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
+            ("guard_metric", self.guard_metric in ("cross_entropy", "accuracy"), "'cross_entropy' or 'accuracy'"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("cache_budget_mb", self.cache_budget_mb >= 0, ">= 0"),
@@ -148,9 +150,10 @@ def random_affine(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _exit_scores(model, source: FrozenFeatures, y, labelled, weights) -> tuple[list, list]:
-    """Per early exit: accuracy and loss on the samples of `source` (targets: labels where
-    labelled, the final exit's top-1 elsewhere)."""
+def _exit_scores(model, source: FrozenFeatures, y, labelled) -> tuple[list, list]:
+    """Per early exit: accuracy and cross-entropy on the samples of `source`, against labels
+    where labelled and the final exit's top-1 elsewhere: what the user will get, whatever mix of
+    loss terms trained the exits."""
     index = torch.arange(len(source.x))
     features, final_logits = source.batch(index)
     targets = torch.where(labelled, y, final_logits.argmax(1))
@@ -159,7 +162,7 @@ def _exit_scores(model, source: FrozenFeatures, y, labelled, weights) -> tuple[l
     for head, f in zip(model.exits, features):
         logits = head(f)
         accuracies.append((logits.argmax(1) == targets).float().mean().item())
-        losses.append(exit_loss(logits, final_logits, y, labelled, weights).item())
+        losses.append(F.cross_entropy(logits, targets).item())
     return accuracies, losses
 
 
@@ -198,7 +201,7 @@ def personalise(
         y_train, lab_train = y[train_idx], labelled[train_idx]
         if config.guard:
             val_source = FrozenFeatures(model, x[val_idx])
-            before = _exit_scores(model, val_source, y[val_idx], labelled[val_idx], weights)
+            before = _exit_scores(model, val_source, y[val_idx], labelled[val_idx])
             incoming = copy.deepcopy(model.exits.state_dict())
 
         optimizer = make_optimizer(model.exit_parameters(), config)
@@ -227,12 +230,15 @@ def personalise(
         epoch_losses=epoch_losses,
     )
     if config.guard:
-        after = _exit_scores(model, val_source, y[val_idx], labelled[val_idx], weights)
+        after = _exit_scores(model, val_source, y[val_idx], labelled[val_idx])
         result.val_accuracy_before, result.val_accuracy_after = before[0], after[0]
         for k in range(model.num_exits):
-            better = after[0][k] > before[0][k] or (
-                after[0][k] == before[0][k] and after[1][k] < before[1][k]
-            )
+            if config.guard_metric == "cross_entropy":
+                better = after[1][k] < before[1][k]
+            else:
+                better = after[0][k] > before[0][k] or (
+                    after[0][k] == before[0][k] and after[1][k] < before[1][k]
+                )
             result.guard_fired.append(not better)
             if not better:
                 prefix = f"{k}."
@@ -252,9 +258,7 @@ def finetune_final(model, x, y, labelled=None, config=None, **overrides) -> Pers
     start = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        last = x
-        for block in model.blocks:
-            last = block(last)
+        last = model.attach_point_features(x)[-1]
     last, y_lab = last[labelled], y[labelled]
     optimizer = make_optimizer(model.classifier.parameters(), config)
     generator = torch.Generator().manual_seed(config.seed)
