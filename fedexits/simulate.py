@@ -26,7 +26,7 @@ from .engine import TrainConfig, train_global
 from .fl.worker import partition_users, personalisation_from_config
 from .models import MultiExitSpec, build_multi_exit, cost_table
 from .report import write_run_report
-from .report.files import atomic_write_text
+from .report.files import atomic_write_csv, atomic_write_text
 from .report.results import build_frames
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -88,6 +88,12 @@ def prepare(config: dict, progress: bool = True) -> Prepared:
         input_shape=tuple(population.input_shape),
         weights=m.get("weights"),
     )
+    if (spec.weights == "imagenet" and spec.num_classes != 1000
+            and config["global_training"]["mode"] == "exits_only"):
+        raise ValueError(
+            f"the final classifier is new ({spec.num_classes} classes, not ImageNet's 1000) and would "
+            "stay random with global_training.mode=exits_only; use exits_and_classifier"
+        )
     path = global_model_path(config, spec)
     model = build_multi_exit(spec)
     train_config = TrainConfig(**config["global_training"])
@@ -141,7 +147,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: dict) -> dic
     frames = build_frames(outcome["records"], prepared.cost_table)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared.cost_table.to_csv(out_dir / "cost_table.csv", index=False)
+    atomic_write_csv(prepared.cost_table, out_dir / "cost_table.csv")
     meta = {
         "seed": prepared.config["seed"],
         "dataset": prepared.population,
@@ -170,7 +176,7 @@ def simulate(config: dict, out_dir: str | Path) -> dict:
 
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return text[0] if text else type(exc).__name__
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -3,6 +3,8 @@
 - `joint`: every weight trains with the Shallow-Deep Networks loss (final CE plus exit CEs whose
   weights ramp up to caps spread over the exits).
 - `exits_only`: a pretrained backbone stays frozen and only the exit heads train.
+- `exits_and_classifier`: as `exits_only`, and the final classifier trains too (a pretrained
+  backbone given a new task head).
 
 Checkpoints are written atomically after every epoch together with the config that made them, so
 an interrupted run resumes where it stopped.
@@ -10,6 +12,7 @@ an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import check_architecture, read_checkpoint, save_checkpoint
 from .losses import sdn_exit_weights, sdn_loss
 
+log = logging.getLogger(__name__)
+
+
+MODES = ("joint", "exits_only", "exits_and_classifier")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "joint"  # "joint" or "exits_only"
+    mode: str = "joint"  # "joint", "exits_only" or "exits_and_classifier"
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "sgd"  # "sgd" or "adam"
@@ -37,7 +45,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            ("mode", self.mode in ("joint", "exits_only"), "'joint' or 'exits_only'"),
+            ("mode", self.mode in MODES, "one of " + ", ".join(MODES)),
             ("epochs", self.epochs >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size >= 2, "an integer >= 2"),
             ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
@@ -80,8 +88,12 @@ def train_global(
     if len(dataset) < 2:
         raise ValueError(f"global training set has {len(dataset)} samples; need at least 2")
     history = {"epoch_loss": [], "seconds": 0.0}
-    params = model.parameters() if config.mode == "joint" else model.exit_parameters()
-    optimizer = _optimizer(list(params), config)
+    params = {
+        "joint": lambda: list(model.parameters()),
+        "exits_only": model.exit_parameters,
+        "exits_and_classifier": lambda: model.exit_parameters() + list(model.classifier.parameters()),
+    }[config.mode]()
+    optimizer = _optimizer(params, config)
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = read_checkpoint(checkpoint_path)
@@ -98,8 +110,13 @@ def train_global(
     drop_last = len(dataset) > config.batch_size
     steps_per_epoch = len(dataset) // config.batch_size if drop_last else 1
     total_steps = config.epochs * steps_per_epoch
+    if start_epoch >= config.epochs:
+        log.info("global model %s is complete (%d epochs); reusing it", checkpoint_path, start_epoch)
+        model.eval()
+        return history
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn()]
+    model.to(memory_format=torch.channels_last)  # ~25% faster convolutions on CPU
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("global training", total=total_steps,
                             completed=start_epoch * steps_per_epoch, loss=float("nan"))
@@ -116,6 +133,7 @@ def train_global(
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, step, total_steps)
+                x = x.contiguous(memory_format=torch.channels_last)
                 loss = _step_loss(model, x, y, config.mode, step / total_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -124,9 +142,12 @@ def train_global(
                 bar.update(task, advance=1, loss=total / batches)
             history["epoch_loss"].append(total / max(batches, 1))
             history["seconds"] += time.perf_counter() - started
+            log.info("global training epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, config.epochs,
+                     history["epoch_loss"][-1], time.perf_counter() - started)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model, train_config=asdict(config), extra=extra,
                                 epoch=epoch + 1, optimizer=optimizer.state_dict(), history=history)
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 
@@ -134,14 +155,20 @@ def train_global(
 def _set_train_mode(model, mode: str) -> None:
     if mode == "joint":
         model.train()
-    else:
-        model.eval()
-        model.exits.train()
+        return
+    model.eval()  # frozen backbone, BatchNorm statistics included
+    model.exits.train()
+    if mode == "exits_and_classifier":
+        model.classifier.train()
 
 
 def _step_loss(model, x, y, mode: str, progress: float) -> torch.Tensor:
     if mode == "joint":
         return sdn_loss(model(x), y, sdn_exit_weights(model.num_exits, progress))
     with torch.no_grad():
-        features, _ = model.backbone_features(x)
-    return sum(F.cross_entropy(head(f), y) for head, f in zip(model.exits, features))
+        features = model.attach_point_features(x)
+    last = features.pop()
+    loss = sum(F.cross_entropy(head(f), y) for head, f in zip(model.exits, features))
+    if mode == "exits_and_classifier":
+        loss = loss + F.cross_entropy(model.classifier(last), y)
+    return loss

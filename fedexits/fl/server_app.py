@@ -98,7 +98,7 @@ def federated_exits(grid: Grid, config: dict, node_of: dict[int, int], num_held_
     """FedAvg rounds over the exits only (from a random init), across clients of the global
     population. Returns the exit weights and the per-round record (loss, failures)."""
     fed = config["federated"]
-    global_nodes = [node for p, node in node_of.items() if p >= num_held_out]
+    global_nodes = [node_of[p] for p in sorted(node_of) if p >= num_held_out]  # partition order
     strategy = SeededFedAvg(global_nodes, int(fed["clients_per_round"]), seed=config["seed"])
     result = strategy.start(
         grid,

@@ -15,7 +15,12 @@ from flwr.serverapp.strategy import FedAvg
 
 
 class SeededFedAvg(FedAvg):
-    """FedAvg whose training rounds sample `clients_per_round` of `node_ids` with `seed`."""
+    """FedAvg whose training rounds sample `clients_per_round` of `node_ids` with `seed`.
+
+    `node_ids` must be in a reproducible order (by partition id: node ids themselves are random
+    in simulation). Replies are aggregated in the sampled order, so floating-point sums, and
+    therefore the federated exits, are identical for the same seed.
+    """
 
     def __init__(self, node_ids: Sequence[int], clients_per_round: int, seed: int, **kwargs):
         if not node_ids:
@@ -23,7 +28,7 @@ class SeededFedAvg(FedAvg):
         if clients_per_round < 1:
             raise ValueError(f"clients per round must be >= 1, got {clients_per_round}")
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1, **kwargs)
-        self.node_ids = sorted(node_ids)
+        self.node_ids = list(node_ids)
         self.clients_per_round = min(clients_per_round, len(self.node_ids))
         self.rng = random.Random(seed)
         self.sampled: dict[int, list[int]] = {}  # round -> node ids, for the record
@@ -40,6 +45,7 @@ class SeededFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Flower's FedAvg aggregation; failed clients are kept for the report, not only logged."""
-        replies = list(replies)
+        order = {node: i for i, node in enumerate(self.sampled[server_round])}
+        replies = sorted(replies, key=lambda r: order.get(r.metadata.src_node_id, len(order)))
         self.errors += [(server_round, r.error.reason) for r in replies if r.has_error()]
         return super().aggregate_train(server_round, replies)

@@ -47,7 +47,7 @@ class MultiExitNetwork(nn.Module):
         return len(self.exits)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        features = self._attach_point_features(x)
+        features = self.attach_point_features(x)
         final = features.pop()
         logits = [head(f) for head, f in zip(self.exits, features)]
         logits.append(self.classifier(final))
@@ -58,10 +58,10 @@ class MultiExitNetwork(nn.Module):
         backbone ran, the final logits. The heads are not run: this is what personalisation caches.
         """
         if upto is None or upto >= self.num_exits:
-            features = self._attach_point_features(x)
+            features = self.attach_point_features(x)
             final_logits = self.classifier(features.pop())
             return features, final_logits
-        return self._attach_point_features(x, stop_after_exit=upto - 1), None
+        return self.attach_point_features(x, stop_after_exit=upto - 1), None
 
     def heads_forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [head(f) for head, f in zip(self.exits, features)]
@@ -78,7 +78,7 @@ class MultiExitNetwork(nn.Module):
             x = block(x)
         return self.exits[exit_index](x)
 
-    def _attach_point_features(self, x, stop_after_exit: int | None = None) -> list[torch.Tensor]:
+    def attach_point_features(self, x, stop_after_exit: int | None = None) -> list[torch.Tensor]:
         """Run blocks, keeping the output at every attach point and (unless stopped early) the
         last block's output as the final element."""
         kept, next_exit = [], 0

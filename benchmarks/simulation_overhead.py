@@ -1,0 +1,79 @@
+"""What does running users as Flower virtual clients (Ray backend) cost over a plain loop?
+
+The same held-out users, the same per-user work (`fedexits.fl.worker`), in one run: first a plain
+in-process loop, then `python -m fedexits.simulate`'s Flower simulation (Ray start-up included).
+Writes JSON with `flower_over_loop` and checks that both paths computed the same results.
+
+    python benchmarks/simulation_overhead.py --num-clients 250 --json results/simulation_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fedexits.engine import load_model
+from fedexits.fl.worker import get_worker, run_users_in_process
+from fedexits.report.results import build_frames
+from fedexits.simulate import TIMING_COLUMNS, compose_config, prepare, run_flower
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
+    parser.add_argument("--num-clients", type=int, default=250)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    overrides = [f"simulation.num_users={args.num_clients}", "init=global", *args.overrides]
+    config = compose_config(overrides)
+    if config["dataset"].get("num_held_out", args.num_clients) < args.num_clients:
+        config["dataset"]["num_held_out"] = args.num_clients
+    prepared = prepare(config)
+    from fedexits.fl.server_app import sample_users
+
+    users = [prepared.users[p] for p in sample_users(prepared.num_held_out, args.num_clients, config["seed"])]
+    exits = load_model(prepared.config["checkpoint"])[0].exits.state_dict()
+
+    started = time.perf_counter()
+    loop_records = run_users_in_process(prepared.config, users, exits)
+    get_worker.cache_clear()
+    loop_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    flower_records = run_flower(prepared)["records"]
+    flower_s = time.perf_counter() - started
+
+    frames = [build_frames(r, prepared.cost_table)["per_user"] for r in (loop_records, flower_records)]
+    keep = [c for c in frames[0].columns if c not in TIMING_COLUMNS]
+    a, b = (f[keep].sort_values(["user", "stage", "exit"]).reset_index(drop=True) for f in frames)
+    same = bool(a.equals(b))
+    accuracy_gap = float((a["accuracy"] - b["accuracy"]).abs().max()) if len(a) == len(b) else float("nan")
+    result = {
+        "flower_over_loop": flower_s / loop_s,
+        "loop_s": loop_s,
+        "flower_s": flower_s,
+        "clients": len(users),
+        "loop_per_client_s": loop_s / len(users),
+        "flower_per_client_s": flower_s / len(users),
+        "identical_results": same,
+        "max_accuracy_difference": accuracy_gap,
+        "loop_torch_threads": torch.get_num_threads(),
+        "flower_client_cpus": prepared.config["simulation"]["client_cpus"],
+        "failed": {"loop": sum(r["result"] is None for r in loop_records),
+                   "flower": sum(r["result"] is None for r in flower_records)},
+        "overrides": overrides,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(pd.Series({k: v for k, v in result.items() if not isinstance(v, (dict, list))}).to_string())
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
