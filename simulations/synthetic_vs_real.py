@@ -19,6 +19,7 @@ import pandas as pd
 
 from fedexits.engine import load_model
 from fedexits.fl.worker import get_worker, run_users_in_process
+from fedexits.report.markdown import markdown_table
 from fedexits.report.results import build_frames
 from fedexits.simulate import compose_config, prepare
 
@@ -66,9 +67,11 @@ def main() -> None:
         frames["per_user"].to_csv(args.out / f"per_user_{name.replace(' ', '_')}.csv", index=False)
         columns[name] = population_stats(frames, prepared)
         print(json.dumps({name: columns[name]}, indent=1))
-    table = pd.DataFrame(columns)
-    table.to_csv(args.out / "comparison.csv")
-    print(table.to_markdown() if hasattr(table, "to_markdown") else table.to_string())
+    table = pd.DataFrame(columns).rename_axis("statistic").reset_index()
+    table.to_csv(args.out / "comparison.csv", index=False)
+    text = markdown_table(table)
+    (args.out / "comparison.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,16 @@ def test_thresholds_outside_unit_interval_are_refused(tiny_model, bad):
 def test_wrong_number_of_thresholds_is_refused(tiny_model):
     with pytest.raises(ValueError, match="expected 4 thresholds"):
         dynamic_inference(tiny_model, make_user(n=4)[0], [0.5, 0.5], cost_table(tiny_model))
+
+
+def test_folded_batchnorm_model_gives_the_same_outputs(tiny_model):
+    from fedexits.engine.inference import fold_batchnorm
+
+    x, _ = make_user(n=6, seed=2)
+    folded = fold_batchnorm(tiny_model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for a, b in zip(tiny_model(x), folded(x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    table = cost_table(tiny_model)
+    same = dynamic_inference(folded, x, 0.5, table).exit_taken
+    assert torch.equal(same, dynamic_inference(tiny_model, x, 0.5, table).exit_taken)

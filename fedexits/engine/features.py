@@ -84,3 +84,11 @@ class FrozenFeatures:
             for k in range(self.model.num_exits)
         ]
         return features, self.final_logits[index]
+
+    @torch.no_grad()
+    def exit_probabilities(self) -> torch.Tensor:
+        """Softmax of every exit over all samples, (M+1, N, classes), with the exits as they are
+        now: re-evaluating after personalisation costs only the heads."""
+        self.model.exits.eval()
+        features, final_logits = self.batch(torch.arange(len(self.x)))
+        return torch.stack(self.model.heads_forward(features) + [final_logits]).softmax(dim=-1)

@@ -90,3 +90,18 @@ def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.T
 def exit_accuracies(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """Top-1 accuracy of every exit against `targets`."""
     return (probs.argmax(-1) == targets).float().mean(dim=1).tolist()
+
+
+def fold_batchnorm(model):
+    """An inference copy with every BatchNorm folded into the preceding convolution (as a mobile
+    runtime deploys it): same outputs up to rounding, fewer ops per block. Blocks, heads and the
+    classifier are traced one by one, so the multi-exit structure is kept."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    folded = copy.deepcopy(model).eval()
+    folded.blocks = torch.nn.ModuleList(fuse(block) for block in folded.blocks)
+    folded.exits = torch.nn.ModuleList(fuse(head) for head in folded.exits)
+    folded.classifier = fuse(folded.classifier)
+    return folded

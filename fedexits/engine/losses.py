@@ -56,11 +56,15 @@ def exit_loss(
     """
     n = exit_logits.shape[0]
     loss = exit_logits.new_zeros(())
-    if weights.alpha > 0 and labelled.any():
-        ce = F.cross_entropy(exit_logits[labelled], labels[labelled], reduction="sum")
+    n_labelled = int(labelled.sum())
+    if weights.alpha > 0 and n_labelled:
+        if n_labelled == n:  # the common case: skip the masked copies
+            ce = F.cross_entropy(exit_logits, labels, reduction="sum")
+        else:
+            ce = F.cross_entropy(exit_logits[labelled], labels[labelled], reduction="sum")
         loss = loss + weights.alpha * ce / n
-    unlabelled = ~labelled
-    if weights.gamma > 0 and unlabelled.any():
+    if weights.gamma > 0 and n_labelled < n:
+        unlabelled = ~labelled
         pseudo = final_logits[unlabelled].argmax(dim=1)
         ce = F.cross_entropy(exit_logits[unlabelled], pseudo, reduction="sum")
         loss = loss + weights.gamma * ce / n

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .calibration import ExitCosts, apply_calibration, calibrate, sweep
+from .features import FrozenFeatures
 from .inference import exit_accuracies, exit_probabilities
 from .personalise import METHODS, PersonalisationConfig, split_validation
 from .profiling import peak_memory_mb
@@ -47,13 +48,17 @@ def run_user(
     x_test, y_test = test
     if len(x_test) == 0:
         raise ValueError("user has no test images")
-    before = exit_accuracies(exit_probabilities(model, x_test), y_test)
+    model.eval()
+    # The backbone is frozen (for the exits method): test features are computed once.
+    frozen = protocol.method in ("exits", "none")
+    test_features = FrozenFeatures(model, x_test) if frozen else None
+    before = exit_accuracies(_probabilities(model, x_test, test_features), y_test)
     personalise = METHODS[protocol.method]
     if protocol.profile_memory:  # exact, but slows personalisation (and its timing) ~2x
         result, peak_mb = peak_memory_mb(lambda: personalise(model, x, y, labelled, config))
     else:
         result, peak_mb = personalise(model, x, y, labelled, config), float("nan")
-    probs_test = exit_probabilities(model, x_test)
+    probs_test = _probabilities(model, x_test, test_features)
     after = exit_accuracies(probs_test, y_test)
 
     if protocol.method == "exits" and config.guard:
@@ -92,6 +97,10 @@ def run_user(
         out["latency_speedup"] = latency.full / out["expected_latency_ms"]
         out["sweep_latency_ms"] = test_sweep["expected_latency_ms"].tolist()
     return out
+
+
+def _probabilities(model, x, features: FrozenFeatures | None) -> torch.Tensor:
+    return exit_probabilities(model, x) if features is None else features.exit_probabilities()
 
 
 def user_seed(seed: int, user_id: str) -> int:

@@ -116,7 +116,6 @@ def train_global(
         return history
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn()]
-    model.to(memory_format=torch.channels_last)  # ~25% faster convolutions on CPU
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("global training", total=total_steps,
                             completed=start_epoch * steps_per_epoch, loss=float("nan"))
@@ -133,7 +132,6 @@ def train_global(
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, step, total_steps)
-                x = x.contiguous(memory_format=torch.channels_last)
                 loss = _step_loss(model, x, y, config.mode, step / total_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -147,7 +145,6 @@ def train_global(
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model, train_config=asdict(config), extra=extra,
                                 epoch=epoch + 1, optimizer=optimizer.state_dict(), history=history)
-    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
 

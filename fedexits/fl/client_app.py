@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..data import DataError
-from .worker import get_worker
+from .worker import Worker, get_worker
 
 # Error code for failures of the user's data or settings (Flower's own codes are small ints).
 USER_ERROR = 1000
@@ -24,6 +25,14 @@ app = ClientApp()
 
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
+
+
+def _worker(config) -> Worker:
+    """This process's worker; torch uses as many threads as the client was given CPUs (Ray
+    actors otherwise oversubscribe the machine: N actors x all cores)."""
+    worker = get_worker(str(config["run-config"]))
+    torch.set_num_threads(max(1, int(worker.config["simulation"]["client_cpus"])))
+    return worker
 
 
 def _user_error(msg: Message, user: str, exc: Exception) -> Message:
@@ -40,7 +49,7 @@ def identify(msg: Message, context: Context) -> Message:
 def train_exits(msg: Message, context: Context) -> Message:
     """Local exit training for FedAvg: the backbone stays frozen; only exits travel."""
     config = msg.content["config"]
-    worker = get_worker(str(config["run-config"]))
+    worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
         state, n, loss = worker.train_user(user, msg.content["arrays"].to_torch_state_dict(),
@@ -55,7 +64,7 @@ def train_exits(msg: Message, context: Context) -> Message:
 def personalise_user(msg: Message, context: Context) -> Message:
     """Evaluate every exit, personalise them, calibrate the threshold, reply with the numbers."""
     config = msg.content["config"]
-    worker = get_worker(str(config["run-config"]))
+    worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
         record = worker.personalise_user(user, msg.content["arrays"].to_torch_state_dict())

@@ -94,7 +94,9 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
         prune_exits=bool(p.pop("prune_exits", True)),
         profile_memory=bool(config["simulation"].get("profile_memory", False)),
     )
-    p.pop("label_fraction", None)
+    label_fraction = p.pop("label_fraction", 1.0)
+    if not 0.0 <= float(label_fraction) <= 1.0:
+        raise ValueError(f"personalisation label_fraction must be in [0, 1], got {label_fraction}")
     preset = p.pop("preset", "default")
     return PersonalisationConfig.preset(preset, **p), protocol
 
@@ -102,7 +104,6 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
 @functools.lru_cache(maxsize=2)
 def get_worker(run_config_json: str) -> Worker:
     config = json.loads(run_config_json)
-    torch.set_num_threads(max(1, int(config["simulation"]["client_cpus"])))
     population = build_population(config["dataset"])
     model, _ = load_model(config["checkpoint"])
     personalisation, protocol = personalisation_from_config(config)
