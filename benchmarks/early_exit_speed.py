@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fedexits.engine import dynamic_inference, load_model
+from fedexits.engine import ExitCosts, dynamic_inference, load_model
+from fedexits.engine.inference import fold_batchnorm
 from fedexits.engine.protocol import user_seed
 from fedexits.fl.worker import get_worker
 from fedexits.simulate import compose_config, prepare
@@ -39,6 +40,7 @@ def median_s(fn, repeats: int) -> float:
 def time_user(model, table, x, thresholds, repeats: int) -> dict:
     """Wall time of dynamic vs full inference over x, at batch 1 and as one batch."""
     full = model.num_exits
+    table = ExitCosts.flops(table)  # once, not per call
 
     def one_by_one(fn):
         return lambda: [fn(x[i : i + 1]) for i in range(len(x))]
@@ -57,7 +59,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a phone-like 1)")
+    parser.add_argument("--no-fold", action="store_true",
+                        help="time the training-form model (BatchNorm not folded into convs)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    def deployed(model):
+        """What runs on a device: BatchNorm folded into the convolutions (both paths alike)."""
+        return model if args.no_fold else fold_batchnorm(model)
 
     prepared = prepare(compose_config(args.overrides))
     config = prepared.config
@@ -79,7 +89,7 @@ def main() -> None:
             "accuracy_full": float((full.predictions == data.test_y).float().mean()),
             "mflops_dynamic": dynamic.total_mflops,
             "mflops_full": full.total_mflops,
-            **time_user(model, table, data.test_x, thresholds, args.repeats),
+            **time_user(deployed(model), table, data.test_x, thresholds, args.repeats),
         })
         r = rows[-1]
         print(f"{user}: threshold {r['threshold']:.2f}, accuracy {r['accuracy_dynamic']:.3f} vs "
@@ -98,6 +108,8 @@ def main() -> None:
         "accuracy_drop_pp": 100 * statistics.mean(r["accuracy_full"] - r["accuracy_dynamic"] for r in rows),
         "users": len(rows),
         "drop_tolerance_pp": float(config["personalisation"]["drop_tolerance_pp"]),
+        "batchnorm_folded": not args.no_fold,
+        "torch_threads": torch.get_num_threads(),
         "overrides": args.overrides,
         "per_user": rows,
     }

@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--checkpoint", help="a trained global model (default: random weights)")
     parser.add_argument("--leaf", help="LEAF folder for real images (default: synthetic)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: what one virtual client gets)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     if args.checkpoint:
         model, _ = load_model(args.checkpoint)
@@ -73,7 +77,7 @@ def main() -> None:
         model = build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=args.width, num_exits=6)
     model.eval()
     x, y = user_images(args.images, 0, args.leaf)
-    config = PersonalisationConfig(epochs=args.epochs, guard=False)
+    config = PersonalisationConfig(epochs=args.epochs, guard=False, batch_size=args.batch_size)
     incoming = copy.deepcopy(model.state_dict())
 
     def fresh():
@@ -94,7 +98,7 @@ def main() -> None:
         "personalise_with_guard_s": median_seconds(
             lambda: personalise(fresh(), x, y, config=config, guard=True), args.repeats),
         "full_finetune_s": median_seconds(lambda: finetune_full(fresh(), x, y, config=config),
-                                          max(1, args.repeats // 2)),
+                                          max(3, args.repeats // 2)),
     }
     _, peak_mb = peak_memory_mb(lambda: personalise(fresh(), x, y, config=config))
 

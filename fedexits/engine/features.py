@@ -70,6 +70,19 @@ class FrozenFeatures:
         self.final_logits = torch.cat(finals)
 
     @torch.no_grad()
+    def epoch(self, order: torch.Tensor, bounds: list[tuple[int, int]]):
+        """Yield (sample indices, features, final logits) for consecutive slices of `order`.
+        Cached tensors are gathered once per epoch in `order`, so each step takes views."""
+        if self.final_logits is None or self.uncached_exits:
+            for start, end in bounds:
+                yield (order[start:end], *self.batch(order[start:end]))
+            return
+        shuffled = [self.cached_features[k][order] for k in range(self.model.num_exits)]
+        final_logits = self.final_logits[order]
+        for start, end in bounds:
+            yield order[start:end], [f[start:end] for f in shuffled], final_logits[start:end]
+
+    @torch.no_grad()
     def batch(self, index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features of every exit and final logits for the samples in `index`."""
         if self.final_logits is None:  # augmentation or caching off: the paper's way

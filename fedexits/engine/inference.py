@@ -36,13 +36,24 @@ def normalise_thresholds(thresholds, num_exits: int) -> list[float | None]:
     return thresholds
 
 
+def ensure_eval(model) -> None:
+    """Evaluation mode, cheaply: `model.eval()` walks every module, which at batch 1 costs about
+    as much as the first exit's compute, so only the three top-level parts are checked."""
+    for part in (model.blocks, model.exits, model.classifier):
+        if part.training:
+            part.eval()
+
+
 @torch.no_grad()
-def dynamic_inference(model, x: torch.Tensor, thresholds, cost_table, batch_size: int = 256) -> EarlyExitOutput:
+def dynamic_inference(model, x: torch.Tensor, thresholds, costs, batch_size: int = 256) -> EarlyExitOutput:
     """Each sample leaves at the first exit whose top-1 softmax exceeds its threshold, else at the
-    final classifier. Samples that left are dropped from the batch, so later blocks do less work."""
+    final classifier. Samples that left are dropped from the batch, so later blocks do less work.
+    `costs`: the model's cost table, or `ExitCosts.flops(table)` computed once (cheaper per call)."""
     thresholds = normalise_thresholds(thresholds, model.num_exits)
-    model.eval()
-    costs = ExitCosts.flops(cost_table).per_exit([t is not None for t in thresholds]).float()
+    ensure_eval(model)
+    if not isinstance(costs, ExitCosts):
+        costs = ExitCosts.flops(costs)
+    costs = costs.per_exit([t is not None for t in thresholds]).float()
     at_block = {j: k for k, j in enumerate(model.exit_after)}
     n = len(x)
     predictions = torch.empty(n, dtype=torch.long)
@@ -74,7 +85,7 @@ def dynamic_inference(model, x: torch.Tensor, thresholds, cost_table, batch_size
 @torch.no_grad()
 def fixed_exit_inference(model, x: torch.Tensor, exit_index: int, batch_size: int = 256) -> torch.Tensor:
     """Logits of the network truncated at `exit_index` (M = full network)."""
-    model.eval()
+    ensure_eval(model)
     return torch.cat([model.forward_to_exit(x[s : s + batch_size], exit_index) for s in range(0, len(x), batch_size)])
 
 
@@ -82,7 +93,7 @@ def fixed_exit_inference(model, x: torch.Tensor, exit_index: int, batch_size: in
 def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Softmax of every exit for every sample: (M+1, N, classes). One pass; what calibration,
     evaluation and profiling work from."""
-    model.eval()
+    ensure_eval(model)
     parts = [torch.stack(model(x[s : s + batch_size])).softmax(dim=-1) for s in range(0, len(x), batch_size)]
     return torch.cat(parts, dim=1)
 

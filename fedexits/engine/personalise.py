@@ -122,14 +122,17 @@ def split_validation(n: int, val_fraction: float, seed: int) -> tuple[torch.Tens
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _batches(index: torch.Tensor, batch_size: int):
-    """Consecutive batches; a trailing single sample joins the previous batch (BatchNorm in
-    training mode needs two)."""
-    starts = list(range(0, len(index), batch_size))
-    if len(starts) > 1 and len(index) - starts[-1] == 1:
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive batches; a trailing single sample joins the previous batch
+    (BatchNorm in training mode needs two)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(index)
+    return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
+
+
+def _batches(index: torch.Tensor, batch_size: int):
+    for start, end in batch_bounds(len(index), batch_size):
         yield index[start:end]
 
 
@@ -207,12 +210,13 @@ def personalise(
 
         optimizer = make_optimizer(model.exit_parameters(), config)
         generator = torch.Generator().manual_seed(config.seed)
+        bounds = batch_bounds(len(train_idx), config.batch_size)
         epoch_losses = []
         for _ in range(config.epochs):
             model.exits.train()
             total, batches = 0.0, 0
-            for idx in _batches(torch.randperm(len(train_idx), generator=generator), config.batch_size):
-                features, final_logits = source.batch(idx)
+            order = torch.randperm(len(train_idx), generator=generator)
+            for idx, features, final_logits in source.epoch(order, bounds):
                 logits = model.heads_forward(features)
                 loss = sum(exit_loss(z, final_logits, y_train[idx], lab_train[idx], weights) for z in logits)
                 optimizer.zero_grad(set_to_none=True)
