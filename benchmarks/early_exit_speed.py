@@ -48,9 +48,16 @@ def time_user(model, table, x, thresholds, repeats: int) -> dict:
     with torch.no_grad():
         dyn_b1 = median_s(one_by_one(lambda s: dynamic_inference(model, s, thresholds, table)), repeats)
         full_b1 = median_s(one_by_one(lambda s: model.forward_to_exit(s, full)), repeats)
-        dyn_batch = median_s(lambda: dynamic_inference(model, x, thresholds, table, batch_size=len(x)), repeats)
+        dyn_batch = median_s(
+            lambda: dynamic_inference(model, x, thresholds, table, batch_size=len(x)), repeats
+        )
         full_batch = median_s(lambda: model.forward_to_exit(x, full), repeats)
-    return {"dynamic_b1_s": dyn_b1, "full_b1_s": full_b1, "dynamic_batch_s": dyn_batch, "full_batch_s": full_batch}
+    return {
+        "dynamic_b1_s": dyn_b1,
+        "full_b1_s": full_b1,
+        "dynamic_batch_s": dyn_batch,
+        "full_batch_s": full_batch,
+    }
 
 
 def main() -> None:
@@ -60,8 +67,11 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a phone-like 1)")
-    parser.add_argument("--no-fold", action="store_true",
-                        help="time the training-form model (BatchNorm not folded into convs)")
+    parser.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="time the training-form model (BatchNorm not folded into convs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -81,21 +91,25 @@ def main() -> None:
         data = worker.population.load_user(user, seed=user_seed(config["seed"], user))
         dynamic = dynamic_inference(model, data.test_x, thresholds, table)
         full = dynamic_inference(model, data.test_x, None, table)
-        rows.append({
-            "user": user,
-            "threshold": result["threshold"],
-            "active_exits": result["active_exits"],
-            "accuracy_dynamic": float((dynamic.predictions == data.test_y).float().mean()),
-            "accuracy_full": float((full.predictions == data.test_y).float().mean()),
-            "mflops_dynamic": dynamic.total_mflops,
-            "mflops_full": full.total_mflops,
-            **time_user(deployed(model), table, data.test_x, thresholds, args.repeats),
-        })
+        rows.append(
+            {
+                "user": user,
+                "threshold": result["threshold"],
+                "active_exits": result["active_exits"],
+                "accuracy_dynamic": float((dynamic.predictions == data.test_y).float().mean()),
+                "accuracy_full": float((full.predictions == data.test_y).float().mean()),
+                "mflops_dynamic": dynamic.total_mflops,
+                "mflops_full": full.total_mflops,
+                **time_user(deployed(model), table, data.test_x, thresholds, args.repeats),
+            }
+        )
         r = rows[-1]
-        print(f"{user}: threshold {r['threshold']:.2f}, accuracy {r['accuracy_dynamic']:.3f} vs "
-              f"{r['accuracy_full']:.3f}, FLOP speedup {r['mflops_full'] / r['mflops_dynamic']:.2f}x, "
-              f"wall {r['full_b1_s'] / r['dynamic_b1_s']:.2f}x (batch 1) "
-              f"{r['full_batch_s'] / r['dynamic_batch_s']:.2f}x (one batch)")
+        print(
+            f"{user}: threshold {r['threshold']:.2f}, accuracy {r['accuracy_dynamic']:.3f} vs "
+            f"{r['accuracy_full']:.3f}, FLOP speedup {r['mflops_full'] / r['mflops_dynamic']:.2f}x, "
+            f"wall {r['full_b1_s'] / r['dynamic_b1_s']:.2f}x (batch 1) "
+            f"{r['full_batch_s'] / r['dynamic_batch_s']:.2f}x (one batch)"
+        )
 
     total = {k: sum(r[k] for r in rows) for k in rows[0] if k.endswith("_s") or k.startswith("mflops")}
     flop_prediction = total["mflops_full"] / total["mflops_dynamic"]
@@ -115,8 +129,14 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    for key in ("speedup_at_1pp", "speedup_at_1pp_batch1", "flop_predicted_speedup",
-                "wall_over_flop_prediction", "wall_over_flop_prediction_batch1", "accuracy_drop_pp"):
+    for key in (
+        "speedup_at_1pp",
+        "speedup_at_1pp_batch1",
+        "flop_predicted_speedup",
+        "wall_over_flop_prediction",
+        "wall_over_flop_prediction_batch1",
+        "accuracy_drop_pp",
+    ):
         print(f"{key:34s} {result[key]:7.3f}")
     print(f"wrote {args.json}")
 

@@ -65,8 +65,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained global model (default: random weights)")
     parser.add_argument("--leaf", help="LEAF folder for real images (default: synthetic)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: what one virtual client gets)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: what one virtual client gets)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,11 +95,14 @@ def main() -> None:
         "forward_s": median_seconds(forward, args.repeats * 3),
         "personalise_s": median_seconds(lambda: personalise(fresh(), x, y, config=config), args.repeats),
         "personalise_uncached_s": median_seconds(
-            lambda: personalise(fresh(), x, y, config=config, cache=False), args.repeats),
+            lambda: personalise(fresh(), x, y, config=config, cache=False), args.repeats
+        ),
         "personalise_with_guard_s": median_seconds(
-            lambda: personalise(fresh(), x, y, config=config, guard=True), args.repeats),
-        "full_finetune_s": median_seconds(lambda: finetune_full(fresh(), x, y, config=config),
-                                          max(3, args.repeats // 2)),
+            lambda: personalise(fresh(), x, y, config=config, guard=True), args.repeats
+        ),
+        "full_finetune_s": median_seconds(
+            lambda: finetune_full(fresh(), x, y, config=config), max(3, args.repeats // 2)
+        ),
     }
     _, peak_mb = peak_memory_mb(lambda: personalise(fresh(), x, y, config=config))
 
@@ -115,16 +119,26 @@ def main() -> None:
         "personalise_over_forward_vs_floor": times["personalise_s"] / times["forward_s"] / floor,
         "personalise_peak_memory_mb": peak_mb,
         "setup": {
-            "images": len(x), "epochs": args.epochs, "batch_size": config.batch_size,
+            "images": len(x),
+            "epochs": args.epochs,
+            "batch_size": config.batch_size,
             "model": f"femnist_mobilenet_v2 width {args.width}, 6 exits",
-            "forward_mflops_per_image": forward_mflops, "heads_mflops_per_image": heads_mflops,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "forward_mflops_per_image": forward_mflops,
+            "heads_mflops_per_image": heads_mflops,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    for key in ("forward_s", "personalise_s", "personalise_uncached_s", "personalise_with_guard_s", "full_finetune_s"):
+    for key in (
+        "forward_s",
+        "personalise_s",
+        "personalise_uncached_s",
+        "personalise_with_guard_s",
+        "full_finetune_s",
+    ):
         print(f"{key:28s} {result[key] * 1e3:9.1f} ms")
     targets = {
         "full_finetune_over_personalise": ">= 10",

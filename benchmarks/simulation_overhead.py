@@ -73,8 +73,10 @@ def main() -> None:
         "loop_s_by_threads": loop_times,
         "loop_torch_threads": loop_threads,
         "flower_client_cpus": prepared.config["simulation"]["client_cpus"],
-        "failed": {"loop": sum(r["result"] is None for r in loop_records),
-                   "flower": sum(r["result"] is None for r in flower_records)},
+        "failed": {
+            "loop": sum(r["result"] is None for r in loop_records),
+            "flower": sum(r["result"] is None for r in flower_records),
+        },
         "overrides": overrides,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -29,19 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="parquet file(s) or folder(s) in the hub schema; omit to download",
     )
-    parser.add_argument(
-        "--dataset", default=HUB_DATASET, help="hub dataset id (default: %(default)s)"
-    )
+    parser.add_argument("--dataset", default=HUB_DATASET, help="hub dataset id (default: %(default)s)")
     parser.add_argument(
         "--cache-dir", default=CommonConfig.cache_dir, help="cache root (default: %(default)s)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = (
-        None
-        if args.parquet is None
-        else (args.parquet[0] if len(args.parquet) == 1 else args.parquet)
-    )
+    path = None if args.parquet is None else (args.parquet[0] if len(args.parquet) == 1 else args.parquet)
     try:
         cache = hub_cache(path, os.path.abspath(os.path.expanduser(args.cache_dir)), args.dataset)
     except DataError as error:

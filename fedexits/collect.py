@@ -59,9 +59,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
         raise SweepError(f"sweep directory {sweep_dir} does not exist or is not a directory")
     jobs = [path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()]
     if not jobs:
-        raise SweepError(
-            f"no job directories (0/, 1/, ...) in {sweep_dir}; is it a Hydra multirun?"
-        )
+        raise SweepError(f"no job directories (0/, 1/, ...) in {sweep_dir}; is it a Hydra multirun?")
     return sorted(jobs, key=lambda path: int(path.name))
 
 
@@ -89,9 +87,7 @@ def override_columns(overrides: list[str]) -> dict[str, str]:
 def _first_line(path: Path) -> str | None:
     if not path.is_file():
         return None
-    lines = [
-        line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-    ]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     return next((line for line in lines if line), "(empty error.txt)")
 
 
@@ -126,9 +122,7 @@ def job_rows(job_dir: Path) -> list[dict]:
     for init, results in (summary.get("inits") or {}).items():
         init_values = {"init": init, **{field: results.get(field) for field in INIT_FIELDS}}
         exits = results.get("exits") or [{}]
-        rows += [
-            {**base, **init_values, **{f: record.get(f) for f in EXIT_FIELDS}} for record in exits
-        ]
+        rows += [{**base, **init_values, **{f: record.get(f) for f in EXIT_FIELDS}} for record in exits]
     return rows or [base]
 
 
@@ -269,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Gather a Hydra multirun sweep of fedexits.simulate into one table and plot.",
     )
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory (holds 0/, 1/, ...)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: SWEEP_DIR)"
-    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR)")
     args = parser.parse_args(argv)
     try:
         table = write_sweep_report(args.sweep_dir, args.out)

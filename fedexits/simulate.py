@@ -64,8 +64,11 @@ def compose_config(overrides: list[str]) -> dict:
 def global_model_path(config: dict, spec: MultiExitSpec) -> Path:
     """Cached global model, keyed by everything that shapes it."""
     key = json.dumps(
-        {"dataset": config["dataset"], "model": {**spec.architecture(), "weights": spec.weights},
-         "training": config["global_training"]},
+        {
+            "dataset": config["dataset"],
+            "model": {**spec.architecture(), "weights": spec.weights},
+            "training": config["global_training"],
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -88,8 +91,11 @@ def prepare(config: dict, progress: bool = True) -> Prepared:
         input_shape=tuple(population.input_shape),
         weights=m.get("weights"),
     )
-    if (spec.weights == "imagenet" and spec.num_classes != 1000
-            and config["global_training"]["mode"] == "exits_only"):
+    if (
+        spec.weights == "imagenet"
+        and spec.num_classes != 1000
+        and config["global_training"]["mode"] == "exits_only"
+    ):
         raise ValueError(
             f"the final classifier is new ({spec.num_classes} classes, not ImageNet's 1000) and would "
             "stay random with global_training.mode=exits_only; use exits_and_classifier"
@@ -98,8 +104,14 @@ def prepare(config: dict, progress: bool = True) -> Prepared:
     model = build_multi_exit(spec)
     train_config = TrainConfig(**config["global_training"])
     trained = time.perf_counter()
-    history = train_global(model, population.global_train_set(), train_config, path,
-                           progress=progress, extra={"dataset": config["dataset"]})
+    history = train_global(
+        model,
+        population.global_train_set(),
+        train_config,
+        path,
+        progress=progress,
+        extra={"dataset": config["dataset"]},
+    )
     include_global = "federated" in config["init"]["inits"]
     config = {**config, "checkpoint": str(path), "architecture": spec.architecture()}
     return Prepared(
@@ -108,8 +120,11 @@ def prepare(config: dict, progress: bool = True) -> Prepared:
         num_held_out=len(population.held_out_users),
         cost_table=cost_table(model),
         population=population.describe(),
-        training={"checkpoint": str(path), "epoch_loss": history["epoch_loss"],
-                  "train_seconds": history["seconds"]},
+        training={
+            "checkpoint": str(path),
+            "epoch_loss": history["epoch_loss"],
+            "train_seconds": history["seconds"],
+        },
         timings={"data_s": data_s, "global_model_s": time.perf_counter() - trained},
     )
 
@@ -136,8 +151,12 @@ def run_flower(prepared: Prepared) -> dict:
 
     outcome: dict = {}
     server_app = make_server_app(prepared.config, prepared.users, prepared.num_held_out, outcome.update)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(prepared.users),
-                   backend_config=backend_config(prepared.config["simulation"]))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(prepared.users),
+        backend_config=backend_config(prepared.config["simulation"]),
+    )
     if "records" not in outcome:
         raise RuntimeError("the Flower simulation ended without results (see the log above)")
     return outcome
@@ -159,8 +178,9 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: dict) -> dic
         "federated": outcome.get("federated"),
         "timings": prepared.timings,
     }
-    return write_run_report(out_dir, frames["per_user"], frames["thresholds"], frames["sweep"],
-                            frames["failures"], meta)
+    return write_run_report(
+        out_dir, frames["per_user"], frames["thresholds"], frames["sweep"], frames["failures"], meta
+    )
 
 
 def simulate(config: dict, out_dir: str | Path) -> dict:

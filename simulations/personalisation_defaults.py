@@ -53,8 +53,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
     parser.add_argument("--out", default="results/personalisation_defaults")
-    parser.add_argument("--candidates", type=json.loads, default=CANDIDATES,
-                        help='JSON {"name": {setting: value}} replacing the built-in candidates')
+    parser.add_argument(
+        "--candidates",
+        type=json.loads,
+        default=CANDIDATES,
+        help='JSON {"name": {setting: value}} replacing the built-in candidates',
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +77,13 @@ def main() -> None:
         frames = build_frames(records, prepared.cost_table)
         slug = "".join(c if c.isalnum() else "_" for c in name)
         frames["per_user"].to_csv(out / f"per_user_{slug}.csv", index=False)
-        row = {"setting": name, **summarise(frames["per_user"]), "seconds": time.perf_counter() - started,
-               "users": len(held_out), "failed": len(frames["failures"])}
+        row = {
+            "setting": name,
+            **summarise(frames["per_user"]),
+            "seconds": time.perf_counter() - started,
+            "users": len(held_out),
+            "failed": len(frames["failures"]),
+        }
         rows.append(row)
         print(json.dumps(row, default=float))
     table = pd.DataFrame(rows)

@@ -36,12 +36,12 @@ def population_stats(frames: dict, prepared) -> dict:
         "users personalised": len(final),
         "global users": prepared.population["global_users"],
         "images per user (mean ± sd)": f"{prepared.population['images_per_user_mean']:.0f} ± "
-                                       f"{prepared.population['images_per_user_sd']:.0f}",
+        f"{prepared.population['images_per_user_sd']:.0f}",
         "global model, final exit on new users": f"{100 * final.mean():.1f}% ± {100 * final.std():.1f}",
         "global model, early exits on new users": f"{100 * per_user_early['global'].mean():.1f}% ± "
-                                                  f"{100 * per_user_early['global'].std():.1f}",
+        f"{100 * per_user_early['global'].std():.1f}",
         "personalised early exits": f"{100 * per_user_early['personalised'].mean():.1f}% ± "
-                                    f"{100 * per_user_early['personalised'].std():.1f}",
+        f"{100 * per_user_early['personalised'].std():.1f}",
         "gain per user, early exits (pp)": f"{gain.mean():+.2f} (median {gain.median():+.2f})",
         "users helped / hurt (mean over early exits)": f"{(gain > 0).mean():.0%} / {(gain < 0).mean():.0%}",
         "speedup at 1 pp (FLOPs, mean)": f"{thresholds['speedup'].mean():.2f}x",
@@ -51,8 +51,9 @@ def population_stats(frames: dict, prepared) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--population", nargs=2, action="append", metavar=("NAME", "OVERRIDES"),
-                        required=True)
+    parser.add_argument(
+        "--population", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), required=True
+    )
     parser.add_argument("--users", type=int, default=100, help="held-out users per population")
     parser.add_argument("--out", type=Path, default=Path("results/synthetic_vs_real"))
     args = parser.parse_args()
@@ -63,7 +64,9 @@ def main() -> None:
         exits = load_model(prepared.config["checkpoint"])[0].exits.state_dict()
         users = prepared.users[: min(args.users, prepared.num_held_out)]
         get_worker.cache_clear()
-        frames = build_frames(run_users_in_process(prepared.config, users, exits, init=name), prepared.cost_table)
+        frames = build_frames(
+            run_users_in_process(prepared.config, users, exits, init=name), prepared.cost_table
+        )
         frames["per_user"].to_csv(args.out / f"per_user_{name.replace(' ', '_')}.csv", index=False)
         columns[name] = population_stats(frames, prepared)
         print(json.dumps({name: columns[name]}, indent=1))

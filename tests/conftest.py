@@ -29,8 +29,9 @@ def make_tiny_model(num_exits: int = 4, seed: int = 0, pretrained: bool = True):
     if pretrained:
         if num_exits not in _PRETRAINED:
             x, y = make_user(n=768, seed=123)
-            train_global(model, TensorDataset(x, y), TrainConfig(epochs=3, batch_size=64, lr=0.05),
-                         progress=False)
+            train_global(
+                model, TensorDataset(x, y), TrainConfig(epochs=3, batch_size=64, lr=0.05), progress=False
+            )
             _PRETRAINED[num_exits] = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(_PRETRAINED[num_exits])
     return model.eval()

@@ -21,9 +21,7 @@ def ink_images(rng: np.random.Generator, count: int) -> np.ndarray:
     return images
 
 
-def write_leaf(
-    root: str, writers: dict[str, tuple[int, int]], seed: int = 0
-) -> dict[str, np.ndarray]:
+def write_leaf(root: str, writers: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
     """LEAF folder with train/ and test/ JSON; writers maps id -> (n_train, n_test).
 
     Writers are spread over two files per split. Returns each writer's expected uint8 images
@@ -104,9 +102,7 @@ def write_hub_parquet(
     return {writer: np.stack(found) for writer, found in expected.items()}
 
 
-def write_image_folder(
-    root: str, classes: int, per_class: int, size: int = 8, seed: int = 0
-) -> None:
+def write_image_folder(root: str, classes: int, per_class: int, size: int = 8, seed: int = 0) -> None:
     """root/<class_k>/<i>.png, each image a solid colour that encodes its class."""
     rng = np.random.default_rng(seed)
     for k in range(classes):

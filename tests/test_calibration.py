@@ -28,7 +28,9 @@ def test_sweep_shares_accuracy_and_cost_by_hand():
     )
     targets = torch.tensor([0, 1, 2, 2])
     flops = ExitCosts([1.0, 2.0, 4.0], [0.5, 0.5, 0.1])
-    table = sweep(probs, targets, flops, [True, True], thresholds=[0.0, 0.45, 0.7, 1.0]).set_index("threshold")
+    table = sweep(probs, targets, flops, [True, True], thresholds=[0.0, 0.45, 0.7, 1.0]).set_index(
+        "threshold"
+    )
     # t=0: everyone leaves at exit 0 -> predictions 0,1,1,1 -> 2 of 4 right; cost 1.5 each
     assert table.loc[0.0, "accuracy"] == 0.5 and table.loc[0.0, "expected_mflops"] == 1.5
     # t=0.45: s0 exit0 (0.9), s1..s3 exit1 (0.8, 0.5, 0.5) -> preds 0,1,2,2 all right

@@ -49,12 +49,8 @@ def test_writers_grouped_and_polarity_fixed(parquet, tmp_path):
 def test_ink_bright_images_are_kept_and_folders_of_files_work(tmp_path):
     folder = tmp_path / "parquet"
     folder.mkdir()
-    first = write_hub_parquet(
-        str(folder / "train-0.parquet"), {"a": 12, "b": 14}, dark_on_white=False
-    )
-    second = write_hub_parquet(
-        str(folder / "train-1.parquet"), {"c": 16}, seed=1, dark_on_white=False
-    )
+    first = write_hub_parquet(str(folder / "train-0.parquet"), {"a": 12, "b": 14}, dark_on_white=False)
+    second = write_hub_parquet(str(folder / "train-1.parquet"), {"c": 16}, seed=1, dark_on_white=False)
     population = build_population(config(str(folder), tmp_path / "cache"))
     assert population.cache.info["inverted"] == 0
     for writer, images in (first | second).items():
@@ -65,9 +61,7 @@ def test_string_characters_are_mapped(tmp_path):
     import datasets
 
     path = tmp_path / "strings.parquet"
-    write_hub_parquet(
-        str(path), {"a": 12, "b": 12}, character_feature=datasets.Value("string"), labels="z"
-    )
+    write_hub_parquet(str(path), {"a": 12, "b": 12}, character_feature=datasets.Value("string"), labels="z")
     population = build_population(config(str(path), tmp_path / "cache"))
     assert set(population.user_images("a")[1].tolist()) == {61}
 
@@ -120,9 +114,7 @@ def test_wrong_schema(tmp_path):
 
     path = tmp_path / "other.parquet"
     pq.write_table(pa.table({"image": [b"x"], "label": [1]}), path)
-    with pytest.raises(
-        DataError, match=r"other\.parquet lacks column\(s\) \['writer_id', 'character'\]"
-    ):
+    with pytest.raises(DataError, match=r"other\.parquet lacks column\(s\) \['writer_id', 'character'\]"):
         build_population(config(str(path), tmp_path / "cache"))
 
 
@@ -130,9 +122,7 @@ def test_label_outside_0_61(tmp_path):
     import datasets
 
     path = tmp_path / "labels.parquet"
-    write_hub_parquet(
-        str(path), {"a": 12, "b": 12}, character_feature=datasets.Value("int64"), labels=70
-    )
+    write_hub_parquet(str(path), {"a": 12, "b": 12}, character_feature=datasets.Value("int64"), labels=70)
     with pytest.raises(DataError, match="writer a has label 70; FEMNIST labels are 0..61"):
         build_population(config(str(path), tmp_path / "cache"))
     assert_nothing_cached(tmp_path / "cache")
@@ -144,9 +134,7 @@ def test_unreadable_image(tmp_path):
 
     path = tmp_path / "bad_png.parquet"
     image = pa.array([{"bytes": b"not a png", "path": None}] * 12)
-    table = pa.table(
-        {"image": image, "writer_id": ["a"] * 12, "hsf_id": [0] * 12, "character": [1] * 12}
-    )
+    table = pa.table({"image": image, "writer_id": ["a"] * 12, "hsf_id": [0] * 12, "character": [1] * 12})
     pq.write_table(table, path)
     with pytest.raises(DataError, match="writer a: image 0 is not a readable image"):
         build_population(config(str(path), tmp_path / "cache"))

@@ -111,9 +111,7 @@ def test_truncated_json_names_the_file(leaf_dir, tmp_path):
     root, _ = leaf_dir
     broken = root / "test" / "all_data_1_niid_05_keep_0_test_9.json"
     broken.write_text(broken.read_text()[:500])
-    with pytest.raises(
-        DataError, match=r"corrupt LEAF JSON .*all_data_1_niid_05_keep_0_test_9\.json"
-    ):
+    with pytest.raises(DataError, match=r"corrupt LEAF JSON .*all_data_1_niid_05_keep_0_test_9\.json"):
         build_population(config(root, tmp_path / "cache"))
     assert_nothing_cached(tmp_path / "cache")
 

@@ -29,7 +29,11 @@ def assert_same_state(a, b):
 
 def test_personalisation_changes_exits_only(tiny_model, user):
     x, y = user
-    blocks, classifier, exits = state(tiny_model.blocks), state(tiny_model.classifier), state(tiny_model.exits)
+    blocks, classifier, exits = (
+        state(tiny_model.blocks),
+        state(tiny_model.classifier),
+        state(tiny_model.exits),
+    )
     final_before = tiny_model(x)[-1]
     personalise(tiny_model, x, y, config=PersonalisationConfig(epochs=3, lr=0.05, guard=False))
     assert_same_state(blocks, state(tiny_model.blocks))  # incl. BatchNorm running statistics
@@ -91,7 +95,7 @@ def test_guard_restores_exits_that_do_not_improve(user):
     assert len(result.guard_fired) == model.num_exits and result.n_val == 8
     for k, fired in enumerate(result.guard_fired):
         head_now = model.exits[k].state_dict()
-        head_then = {n[len(f"{k}."):]: v for n, v in incoming.items() if n.startswith(f"{k}.")}
+        head_then = {n[len(f"{k}.") :]: v for n, v in incoming.items() if n.startswith(f"{k}.")}
         assert all(torch.equal(head_now[n], head_then[n]) for n in head_then) == fired
     assert any(result.guard_fired)
 
@@ -187,7 +191,9 @@ def test_unlabelled_user_trains_on_pseudo_labels(user):
     assert any(not torch.equal(before[k], v) for k, v in model.exits.state_dict().items())
     # the pseudo-label loss does not depend on the (hidden) labels
     other = make_tiny_model()
-    personalise(other, x, torch.zeros_like(y), labelled=labelled, config=PersonalisationConfig(epochs=2, guard=False))
+    personalise(
+        other, x, torch.zeros_like(y), labelled=labelled, config=PersonalisationConfig(epochs=2, guard=False)
+    )
     assert_same_state(state(model.exits), state(other.exits))
 
 
@@ -201,7 +207,9 @@ def test_baselines_touch_what_they_claim(user):
     model = make_tiny_model()
     blocks = state(model.blocks)
     finetune_full(model, x, y, config=PersonalisationConfig(epochs=1, lr=0.05))
-    assert any(not torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items() if k.endswith("weight"))
+    assert any(
+        not torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items() if k.endswith("weight")
+    )
     # BatchNorm statistics stay frozen even in full fine-tuning
     assert all(torch.equal(blocks[k], v) for k, v in model.blocks.state_dict().items() if "running" in k)
 

@@ -130,9 +130,7 @@ def make_failures() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("run")
-    write_run_report(
-        directory, make_per_user(), make_thresholds(), make_sweep(), make_failures(), META
-    )
+    write_run_report(directory, make_per_user(), make_thresholds(), make_sweep(), make_failures(), META)
     return directory
 
 
@@ -236,9 +234,7 @@ def test_report_is_readable_on_its_own(run_dir):
 
 
 def test_load_run_round_trips_the_tables(tmp_path):
-    per_user = make_per_user().assign(
-        user=lambda f: f["user"].map({"u0": "007", "u1": "NA", "u2": "u2"})
-    )
+    per_user = make_per_user().assign(user=lambda f: f["user"].map({"u0": "007", "u1": "NA", "u2": "u2"}))
     write_run_report(tmp_path, per_user, make_thresholds(), make_sweep(), make_failures(), META)
     loaded = load_run(tmp_path)
     assert set(loaded["per_user"]["user"]) == {"007", "NA", "u2"}  # ids stay text
@@ -256,9 +252,7 @@ def test_no_failures_still_writes_failures_csv_with_header(tmp_path):
 
 
 def test_a_run_where_every_user_failed_still_gets_a_report(tmp_path):
-    summary = write_run_report(
-        tmp_path, pd.DataFrame(), None, pd.DataFrame(), make_failures(), META
-    )
+    summary = write_run_report(tmp_path, pd.DataFrame(), None, pd.DataFrame(), make_failures(), META)
     assert summary["users"] == {"total": 1, "ok": 0, "failed": 1}
     assert (tmp_path / CDF_PNG).read_bytes()[:8] == PNG_SIGNATURE
     assert ERROR in (tmp_path / "report.md").read_text()
@@ -282,9 +276,7 @@ def _fake_job(sweep_dir: Path, job: int, overrides: list[str]) -> Path:
 def sweep_dir(tmp_path, run_dir) -> Path:
     """Job 0: the report above; job 1: better exits (summary only); job 2: rejected setting."""
     sweep = tmp_path / "multirun"
-    shutil.copy(
-        run_dir / "summary.json", _fake_job(sweep, 0, ["personalisation.alpha=0", "init=global"])
-    )
+    shutil.copy(run_dir / "summary.json", _fake_job(sweep, 0, ["personalisation.alpha=0", "init=global"]))
     better = make_per_user()
     better.loc[better["stage"] == "personalised", "accuracy"] += 0.01
     job1 = _fake_job(sweep, 1, ["personalisation.alpha=1", "init=global"])
@@ -342,7 +334,5 @@ def test_collect_module_exit_code_and_no_flower_import(tmp_path):
         "import sys, fedexits.report, fedexits.collect; "
         "print([m for m in sys.modules if m.split('.')[0] == 'flwr' or m.startswith('fedexits.fl')])"
     )
-    imported = subprocess.run(
-        [PYTHON, "-c", check], check=False, capture_output=True, text=True, timeout=60
-    )
+    imported = subprocess.run([PYTHON, "-c", check], check=False, capture_output=True, text=True, timeout=60)
     assert imported.returncode == 0 and imported.stdout.strip() == "[]"

@@ -34,7 +34,10 @@ TINY = [
 def run_cli(args, env, check=True):
     result = subprocess.run(
         [sys.executable, "-m", "fedexits.simulate", *args],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"simulate failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -72,12 +75,31 @@ def two_runs(env, broken_user, tmp_path_factory):
 
 def test_run_leaves_every_promised_file(two_runs):
     out = two_runs[0]
-    for name in ("per_user.csv", "thresholds.csv", "sweep.csv", "failures.csv", "summary.json",
-                 "report.md", "accuracy_cdf.png", "accuracy_vs_cost.png", "accuracy_vs_latency.png"):
+    for name in (
+        "per_user.csv",
+        "thresholds.csv",
+        "sweep.csv",
+        "failures.csv",
+        "summary.json",
+        "report.md",
+        "accuracy_cdf.png",
+        "accuracy_vs_cost.png",
+        "accuracy_vs_latency.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     per_user = pd.read_csv(out / "per_user.csv")
-    for column in ("user", "init", "stage", "exit", "accuracy", "mflops", "params", "latency_ms",
-                   "n_train", "n_test"):
+    for column in (
+        "user",
+        "init",
+        "stage",
+        "exit",
+        "accuracy",
+        "mflops",
+        "params",
+        "latency_ms",
+        "n_train",
+        "n_test",
+    ):
         assert column in per_user.columns
     assert set(per_user["init"]) == {"global", "federated", "scratch"}
     assert set(per_user["stage"]) == {"global", "personalised"}
@@ -121,16 +143,19 @@ def test_same_seed_gives_identical_per_user_results(two_runs):
 def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        ["-m", *TINY, "personalisation.lr=0.01,-1", "simulation.num_users=2",
-         f"hydra.sweep.dir={sweep_dir}"],
+        ["-m", *TINY, "personalisation.lr=0.01,-1", "simulation.num_users=2", f"hydra.sweep.dir={sweep_dir}"],
         env,
     )
     assert result.returncode == 0
     assert (sweep_dir / "0" / "summary.json").exists()
     error = (sweep_dir / "1" / "error.txt").read_text().strip()
     assert "lr must be > 0" in error and "\n" not in error
-    collected = subprocess.run([sys.executable, "-m", "fedexits.collect", str(sweep_dir)],
-                               capture_output=True, text=True, timeout=120)
+    collected = subprocess.run(
+        [sys.executable, "-m", "fedexits.collect", str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert collected.returncode == 0, collected.stderr
     table = pd.read_csv(sweep_dir / "sweep.csv")
     assert set(table["status"]) == {"ok", "failed"}

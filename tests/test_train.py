@@ -117,6 +117,7 @@ def test_latency_profile_and_peak_memory(tiny_model):
     assert b1.iloc[-1] > b1.iloc[0]  # the full network is slower than the first exit
     costs = latency_costs(table, batch_size=1)
     assert len(costs.backbone) == tiny_model.num_exits + 1
+
     def work():
         a = torch.ones(64, 2**20)  # 256 MB
         b = a * 2  # +256 MB at the peak

@@ -78,20 +78,13 @@ class ImageCache:
                     raise CacheInvalid(f"{os.path.join(path, name)} has {actual} bytes, not {size}")
             images = np.load(os.path.join(path, IMAGES_FILE), mmap_mode="r")
             labels = np.load(os.path.join(path, LABELS_FILE), mmap_mode="r")
-            users = {
-                user: (int(start), int(count)) for user, (start, count) in index["users"].items()
-            }
+            users = {user: (int(start), int(count)) for user, (start, count) in index["users"].items()}
         except CacheInvalid:
             raise
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CacheInvalid(f"damaged cache {path}: {error}") from None
         total = index.get("num_images")
-        if (
-            images.dtype != np.uint8
-            or images.ndim != 3
-            or len(images) != total
-            or len(labels) != total
-        ):
+        if images.dtype != np.uint8 or images.ndim != 3 or len(images) != total or len(labels) != total:
             raise CacheInvalid(f"damaged cache {path}: array shapes do not match {INDEX_FILE}")
         if sum(count for _, count in users.values()) != total:
             raise CacheInvalid(f"damaged cache {path}: user counts do not add up to {total}")
@@ -131,15 +124,9 @@ class CacheWriter:
         self._raw.close()
         raw_path = os.path.join(self.directory, _RAW_FILE)
         shape = (self._rows, *self.image_shape)
-        raw = (
-            np.memmap(raw_path, np.uint8, "r", shape=shape)
-            if self._rows
-            else np.zeros(shape, np.uint8)
-        )
+        raw = np.memmap(raw_path, np.uint8, "r", shape=shape) if self._rows else np.zeros(shape, np.uint8)
         raw_labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int16)
-        images = np.lib.format.open_memmap(
-            os.path.join(self.directory, IMAGES_FILE), "w+", np.uint8, shape
-        )
+        images = np.lib.format.open_memmap(os.path.join(self.directory, IMAGES_FILE), "w+", np.uint8, shape)
         labels = np.empty(self._rows, np.int16)
         users, row = {}, 0
         for user, chunks in self._chunks.items():

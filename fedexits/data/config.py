@@ -104,7 +104,8 @@ class ImageNetFolderConfig(CommonConfig):
 
     path: root folder. With train/ and val/ inside, train/ is the global pool and users are
         sampled from val/ (both in class-folder layout: ILSVRC-2012's flat val/ must first be
-        sorted into class folders, as for torchvision's ImageFolder). Otherwise root holds the class folders directly, and a seeded
+        sorted into class folders, as for torchvision's ImageFolder). Otherwise root holds the
+        class folders directly, and a seeded
         `user_pool_fraction` of each class is set aside for users (the rest is the global pool).
     image_size / resize_size: Resize(resize_size) then CenterCrop(image_size), then ImageNet
         mean/std normalisation; resize_size null means round(image_size * 256 / 224).
@@ -116,7 +117,8 @@ class ImageNetFolderConfig(CommonConfig):
         global user loads its whole shard into memory: fine for small folders, not for ImageNet
         (train the global model from global_train_set() there).
     user_pool_fraction: share of each class reserved for users when there is no train/val split.
-    min_images applies to images_per_user; held_out_file is not supported (users are generated, named user_000, user_001, ...).
+    min_images applies to images_per_user; held_out_file is not supported (users are
+    generated, named user_000, user_001, ...).
     """
 
     path: str | None = None
@@ -219,19 +221,13 @@ def parse_config(cfg: Mapping) -> CommonConfig:
         raise DataError(
             f"unknown key(s) {unknown} for data source {source!r}; expected some of {sorted(fields)}"
         )
-    values = {
-        key: _check_type(source, key, value, str(fields[key].type)) for key, value in raw.items()
-    }
+    values = {key: _check_type(source, key, value, str(fields[key].type)) for key, value in raw.items()}
     values["source"] = source
-    values["cache_dir"] = os.path.abspath(
-        os.path.expanduser(values.get("cache_dir", CommonConfig.cache_dir))
-    )
+    values["cache_dir"] = os.path.abspath(os.path.expanduser(values.get("cache_dir", CommonConfig.cache_dir)))
     if source in ("femnist_leaf", "imagenet_folder") and values.get("path") is None:
         raise DataError(f"{source} config: path is required")
     if source == "imagenet_folder" and values.get("held_out_file") is not None:
-        raise DataError(
-            "imagenet_folder config: held_out_file is not supported (users are generated)"
-        )
+        raise DataError("imagenet_folder config: held_out_file is not supported (users are generated)")
     return config_class(**values)
 
 

@@ -64,9 +64,7 @@ class CachedPopulation(Population):
         self.cache = cache
         self.cfg = cfg
         self.user_counts = {user: count for user, (_, count) in cache.users.items()}
-        self.global_users, self.held_out_users, self.dropped_users = choose_held_out(
-            self.user_counts, cfg
-        )
+        self.global_users, self.held_out_users, self.dropped_users = choose_held_out(self.user_counts, cfg)
 
     def global_train_set(self) -> CachedImageDataset:
         ranges = [np.arange(*self._bounds(user)) for user in self.global_users]
@@ -102,9 +100,7 @@ class CachedPopulation(Population):
         )
 
     def describe(self) -> dict:
-        counts = np.array(
-            [self.user_counts[user] for user in self.global_users + self.held_out_users]
-        )
+        counts = np.array([self.user_counts[user] for user in self.global_users + self.held_out_users])
         return super().describe() | {
             "source": self.cfg.source,
             "cache": self.cache.path,

@@ -36,9 +36,7 @@ def parquet_files(path: str | list[str]) -> list[str]:
         if os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, "**", "*.parquet"), recursive=True))
             if not found:
-                raise DataError(
-                    f"no *.parquet files in {item}; expected {HUB_DATASET} parquet files"
-                )
+                raise DataError(f"no *.parquet files in {item}; expected {HUB_DATASET} parquet files")
             files.extend(found)
         else:
             files.append(item)
@@ -59,8 +57,7 @@ def check_parquet(file: str) -> None:
     missing = [column for column in REQUIRED_COLUMNS if column not in names]
     if missing:
         raise DataError(
-            f"parquet {file} lacks column(s) {missing}; expected the {HUB_DATASET} "
-            f"schema {list(HUB_COLUMNS)}"
+            f"parquet {file} lacks column(s) {missing}; expected the {HUB_DATASET} schema {list(HUB_COLUMNS)}"
         )
 
 
@@ -108,9 +105,7 @@ def decode_images(cells: list, where: str) -> tuple[np.ndarray, int]:
         try:
             image = Image.open(io.BytesIO(data)).convert("L")
         except (OSError, ValueError) as error:
-            raise DataError(
-                f"{where}: image {index} is not a readable image ({_one_line(error)})"
-            ) from None
+            raise DataError(f"{where}: image {index} is not a readable image ({_one_line(error)})") from None
         if image.size != (28, 28):
             image = image.resize((28, 28), Image.Resampling.LANCZOS)
         images[index] = np.asarray(image)
@@ -174,9 +169,7 @@ def _load_hub(dataset_id: str):
         ) from None
 
 
-def hub_cache(
-    path: str | list[str] | None, cache_dir: str, dataset_id: str = HUB_DATASET
-) -> ImageCache:
+def hub_cache(path: str | list[str] | None, cache_dir: str, dataset_id: str = HUB_DATASET) -> ImageCache:
     """The compact cache of hub FEMNIST (downloaded) or of local parquet files, built once."""
     if path is None:
         settings = {"source": "femnist_hub", "dataset": dataset_id}

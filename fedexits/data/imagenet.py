@@ -45,8 +45,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
     if (counts == 0).any():
         empty = classes[int(np.flatnonzero(counts == 0)[0])]
         raise DataError(
-            f"class folder {os.path.join(root, empty)} has no images "
-            f"({', '.join(IMG_EXTENSIONS[:4])}, ...)"
+            f"class folder {os.path.join(root, empty)} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)"
         )
     return classes, [os.path.relpath(path, root) for path, _ in samples], targets
 
@@ -172,9 +171,7 @@ class ListImageFolder(ImageFolder):
     def find_classes(self, directory):
         return self._cached_classes, {name: i for i, name in enumerate(self._cached_classes)}
 
-    def make_dataset(
-        self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
-    ):
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         return self._cached_samples
 
 
@@ -196,9 +193,7 @@ class ImageFolderPopulation(Population):
             ]
         )
         if cfg.images_per_user < cfg.min_images:
-            raise DataError(
-                f"images_per_user={cfg.images_per_user} is below min_images={cfg.min_images}"
-            )
+            raise DataError(f"images_per_user={cfg.images_per_user} is below min_images={cfg.min_images}")
         if "all" in self.index.roots:
             self._pools = self._split_single_folder()
         else:
@@ -250,9 +245,7 @@ class ImageFolderPopulation(Population):
             popularity = gaussian_popularity(self.num_classes, centre, cfg.popularity_sigma)
             # weighted sampling without replacement (Gumbel top-k), in log space so that
             # far-away classes get tiny but valid weights: image weight = p(class) / class size
-            log_weights = np.log(popularity[pool_targets] + 1e-300) - np.log(
-                class_sizes[pool_targets]
-            )
+            log_weights = np.log(popularity[pool_targets] + 1e-300) - np.log(class_sizes[pool_targets])
             keys = log_weights + rng.gumbel(size=len(pool))
             chosen = np.argpartition(-keys, cfg.images_per_user - 1)[: cfg.images_per_user]
             self.popularity_centres[user] = centre
@@ -276,9 +269,7 @@ class ImageFolderPopulation(Population):
     def global_train_set(self) -> ListImageFolder:
         return self._dataset(*self._pool("global"))
 
-    def _load(
-        self, dataset: ListImageFolder, indices: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, dataset: ListImageFolder, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images = []
         for i in indices:
             path, _ = dataset.samples[i]

@@ -27,9 +27,7 @@ def find_leaf_files(path: str) -> list[str]:
         raise DataError(f"LEAF path {path} does not exist")
     if not os.path.isdir(path):
         raise DataError(f"LEAF path {path} is not a folder; expected one with train/ and test/")
-    files = [
-        f for split in LEAF_SPLITS for f in sorted(glob.glob(os.path.join(path, split, "*.json")))
-    ]
+    files = [f for split in LEAF_SPLITS for f in sorted(glob.glob(os.path.join(path, split, "*.json")))]
     if not files:
         files = sorted(glob.glob(os.path.join(path, "*.json")))
     if not files:
@@ -78,8 +76,7 @@ def leaf_writer_images(file: str, writer: str, entry) -> tuple[np.ndarray, np.nd
         raise DataError(f"{where}: x should be rows of 784 numbers and y numbers") from None
     if pixels.ndim != 2 or pixels.shape[1] != 784 or labels.shape != (len(pixels),):
         raise DataError(
-            f"{where}: expected x of shape (n, 784) and n labels, got {pixels.shape} "
-            f"and {labels.shape}"
+            f"{where}: expected x of shape (n, 784) and n labels, got {pixels.shape} and {labels.shape}"
         )
     if len(pixels) and (pixels.min() < -1e-3 or pixels.max() > 1 + 1e-3):
         raise DataError(f"{where}: pixel values outside [0, 1]")

@@ -43,9 +43,7 @@ def read_held_out_file(path: str) -> list[str]:
     return ids
 
 
-def choose_held_out(
-    counts: dict[str, int], cfg: CommonConfig
-) -> tuple[list[str], list[str], list[str]]:
+def choose_held_out(counts: dict[str, int], cfg: CommonConfig) -> tuple[list[str], list[str], list[str]]:
     """Split users into (global, held out, dropped for having fewer than min_images images)."""
     eligible = sorted(user for user, count in counts.items() if count >= cfg.min_images)
     dropped = sorted(user for user, count in counts.items() if count < cfg.min_images)
@@ -62,9 +60,7 @@ def choose_held_out(
                 f"num_held_out={cfg.num_held_out} but only {len(eligible)} users have at least "
                 f"min_images={cfg.min_images} images (the global pool needs at least one)"
             )
-        chosen = rng_for(cfg.seed, "held_out").choice(
-            len(eligible), cfg.num_held_out, replace=False
-        )
+        chosen = rng_for(cfg.seed, "held_out").choice(len(eligible), cfg.num_held_out, replace=False)
         held_out = [eligible[i] for i in sorted(chosen)]
     held_out_set = set(held_out)
     global_users = [user for user in eligible if user not in held_out_set]
@@ -73,9 +69,7 @@ def choose_held_out(
     return global_users, held_out, dropped
 
 
-def split_user(
-    user: str, count: int, cfg: CommonConfig
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def split_user(user: str, count: int, cfg: CommonConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Row positions (within the user) of its personalisation and test splits, plus notes.
 
     The test split has n_test images, or max_test_fraction of the user's images if that is fewer.
@@ -87,8 +81,7 @@ def split_user(
     if cap < n_test:
         n_test = cap
         notes.append(
-            f"only {count} images: held out {n_test} ({n_test / count:.0%}) for test "
-            f"instead of {cfg.n_test}"
+            f"only {count} images: held out {n_test} ({n_test / count:.0%}) for test instead of {cfg.n_test}"
         )
     order = rng_for(cfg.seed, "split", user).permutation(count)
     return np.sort(order[n_test:]), np.sort(order[:n_test]), notes
@@ -100,9 +93,7 @@ def labelled_mask(user: str, n: int, label_fraction: float, seed: int) -> torch.
     Smaller fractions with the same seed label a subset of the samples larger fractions label.
     """
     if not isinstance(label_fraction, (int, float)) or not 0.0 <= label_fraction <= 1.0:
-        raise DataError(
-            f"label_fraction={label_fraction!r} for user {user} should be within [0, 1]"
-        )
+        raise DataError(f"label_fraction={label_fraction!r} for user {user} should be within [0, 1]")
     n_labelled = math.floor(label_fraction * n + 0.5)
     mask = torch.zeros(n, dtype=torch.bool)
     chosen = rng_for(seed, "labelled", user).permutation(n)[:n_labelled]

@@ -119,9 +119,7 @@ def _affine(rotation, log_scale, log_aspect, slant) -> np.ndarray:
     scale = np.exp(log_scale)
     sx, sy = scale * np.exp(log_aspect), scale * np.ones_like(log_aspect)
     rotate = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-    shear_scale = np.stack(
-        [np.stack([sx, slant * sy], -1), np.stack([np.zeros_like(sx), sy], -1)], -2
-    )
+    shear_scale = np.stack([np.stack([sx, slant * sy], -1), np.stack([np.zeros_like(sx), sy], -1)], -2)
     return rotate @ shear_scale
 
 
@@ -160,9 +158,7 @@ def writer_samples(cfg: SyntheticConfig, writer: int, num_fonts: int) -> dict[st
     theta = np.concatenate([inverse, -(inverse @ shift[..., None])], -1)
     class_fields = rng.standard_normal((NUM_CLASSES, 2, FIELD_GRID, FIELD_GRID))
     sample_fields = rng.standard_normal((count, 2, FIELD_GRID, FIELD_GRID))
-    fields = (
-        style["distortion"] * class_fields[labels] + j * JITTER["distortion"] * sample_fields
-    ) * PX
+    fields = (style["distortion"] * class_fields[labels] + j * JITTER["distortion"] * sample_fields) * PX
     log_width = style["log_stroke_width"] + j * JITTER["log_stroke_width"] * draws[4]
     stroke_width = np.clip(BASE_STROKE_WIDTH * np.exp(log_width), 0.5, 4.0)
     return {

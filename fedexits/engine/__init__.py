@@ -9,6 +9,7 @@ from .inference import (
     exit_accuracies,
     exit_probabilities,
     fixed_exit_inference,
+    fold_batchnorm,
 )
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
 from .personalise import (
@@ -22,6 +23,16 @@ from .personalise import (
     personalise,
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
+from .protocol import UserProtocol, run_user
 from .train import TrainConfig, train_global
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "THRESHOLDS", "Calibration", "ExitCosts", "apply_calibration", "calibrate", "pareto_front",
+    "sweep", "load_model", "read_checkpoint", "save_checkpoint", "EarlyExitOutput",
+    "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
+    "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
+    "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
+    "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
+    "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
+    "train_global",
+]  # fmt: skip

@@ -26,7 +26,7 @@ class ExitCosts:
     heads: Sequence[float]
 
     @classmethod
-    def flops(cls, cost_table: pd.DataFrame) -> "ExitCosts":
+    def flops(cls, cost_table: pd.DataFrame) -> ExitCosts:
         return cls(cost_table["backbone_mflops"].tolist(), cost_table["head_mflops"].tolist())
 
     def per_exit(self, active: Sequence[bool]) -> torch.Tensor:
@@ -185,9 +185,20 @@ def calibrate(
     )
 
 
-def apply_calibration(probs: torch.Tensor, targets: torch.Tensor, calibration: Calibration,
-                      cost_table: pd.DataFrame, latency: ExitCosts | None = None) -> pd.Series:
+def apply_calibration(
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    calibration: Calibration,
+    cost_table: pd.DataFrame,
+    latency: ExitCosts | None = None,
+) -> pd.Series:
     """The chosen threshold and exits evaluated on another set (e.g. the user's test split)."""
-    table = sweep(probs, targets, ExitCosts.flops(cost_table), calibration.active_exits, latency,
-                  [calibration.threshold])
+    table = sweep(
+        probs,
+        targets,
+        ExitCosts.flops(cost_table),
+        calibration.active_exits,
+        latency,
+        [calibration.threshold],
+    )
     return table.iloc[0]

@@ -69,6 +69,8 @@ def load_model(path: str | Path, spec: MultiExitSpec | None = None):
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not fit its architecture: {str(exc).splitlines()[0]}") from None
+        raise ValueError(
+            f"checkpoint {path} does not fit its architecture: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
     return model, checkpoint

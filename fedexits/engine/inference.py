@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,9 @@ def normalise_thresholds(thresholds, num_exits: int) -> list[float | None]:
     """One threshold for all exits, or one per early exit; None/NaN switches an exit off."""
     if thresholds is None or isinstance(thresholds, (int, float)):
         thresholds = [thresholds] * num_exits
-    thresholds = [None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t) for t in thresholds]
+    thresholds = [
+        None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t) for t in thresholds
+    ]
     if len(thresholds) != num_exits:
         raise ValueError(f"expected {num_exits} thresholds (one per early exit), got {len(thresholds)}")
     for t in thresholds:
@@ -86,7 +87,9 @@ def dynamic_inference(model, x: torch.Tensor, thresholds, costs, batch_size: int
 def fixed_exit_inference(model, x: torch.Tensor, exit_index: int, batch_size: int = 256) -> torch.Tensor:
     """Logits of the network truncated at `exit_index` (M = full network)."""
     ensure_eval(model)
-    return torch.cat([model.forward_to_exit(x[s : s + batch_size], exit_index) for s in range(0, len(x), batch_size)])
+    return torch.cat(
+        [model.forward_to_exit(x[s : s + batch_size], exit_index) for s in range(0, len(x), batch_size)]
+    )
 
 
 @torch.no_grad()

@@ -29,11 +29,7 @@ class ExitLossWeights:
 
     def check_active(self, n_labelled: int, n_unlabelled: int) -> None:
         """Reject settings where every term is zero for every sample: nothing would train."""
-        active = (
-            self.beta > 0
-            or (self.alpha > 0 and n_labelled > 0)
-            or (self.gamma > 0 and n_unlabelled > 0)
-        )
+        active = self.beta > 0 or (self.alpha > 0 and n_labelled > 0) or (self.gamma > 0 and n_unlabelled > 0)
         if not active:
             raise ValueError(
                 f"loss is zero for every sample: alpha={self.alpha} with {n_labelled} labelled, "

@@ -54,7 +54,11 @@ class PersonalisationConfig:
             ("batch_size", self.batch_size >= 2, "an integer >= 2"),
             ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
             ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
-            ("guard_metric", self.guard_metric in ("cross_entropy", "accuracy"), "'cross_entropy' or 'accuracy'"),
+            (
+                "guard_metric",
+                self.guard_metric in ("cross_entropy", "accuracy"),
+                "'cross_entropy' or 'accuracy'",
+            ),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("cache_budget_mb", self.cache_budget_mb >= 0, ">= 0"),
@@ -64,7 +68,7 @@ class PersonalisationConfig:
                 raise ValueError(f"personalisation {name} must be {expected}, got {getattr(self, name)!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "PersonalisationConfig":
+    def preset(cls, name: str, **overrides) -> PersonalisationConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown personalisation preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -141,8 +145,9 @@ def make_optimizer(params, config: PersonalisationConfig) -> torch.optim.Optimiz
     enables it by default only on GPUs); it matters for many small heads."""
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, foreach=True)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True
+    )
 
 
 def random_affine(x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +253,7 @@ def personalise(
             if not better:
                 prefix = f"{k}."
                 model.exits[k].load_state_dict(
-                    {n[len(prefix):]: t for n, t in incoming.items() if n.startswith(prefix)}
+                    {n[len(prefix) :]: t for n, t in incoming.items() if n.startswith(prefix)}
                 )
     result.seconds = time.perf_counter() - start
     return result

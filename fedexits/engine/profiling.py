@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import weakref
@@ -15,7 +16,9 @@ from torch.utils._pytree import tree_leaves
 from .calibration import ExitCosts
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, max_seconds: float = 5.0) -> float:
+def median_ms(
+    fn: Callable[[], object], repeats: int = 20, warmup: int = 3, max_seconds: float = 5.0
+) -> float:
     """Median wall time of `fn` in milliseconds; stops early (after at least 3 runs) once
     `max_seconds` are spent, so big models at big batches stay affordable."""
     for _ in range(warmup):
@@ -41,12 +44,13 @@ def measure_latency(model, batch_sizes: Sequence[int] = (1, 32), repeats: int = 
         head_inputs = model.attach_point_features(x)  # every exit's input, then the classifier's
         heads = list(model.exits) + [model.classifier]
         for k, (head, h) in enumerate(zip(heads, head_inputs)):
+            truncated = functools.partial(model.forward_to_exit, x, k)
             rows.append(
                 dict(
                     exit=k,
                     batch_size=b,
-                    latency_ms=median_ms(lambda: model.forward_to_exit(x, k), repeats),
-                    head_ms=median_ms(lambda: head(h), repeats),
+                    latency_ms=median_ms(truncated, repeats),
+                    head_ms=median_ms(functools.partial(head, h), repeats),
                 )
             )
     table = pd.DataFrame(rows)

@@ -68,8 +68,9 @@ def run_user(
     probs_calib = exit_probabilities(model, x[calib_idx])
     final_pred = probs_calib[-1].argmax(-1)
     targets = torch.where(labelled[calib_idx], y[calib_idx], final_pred)
-    calibration = calibrate(probs_calib, targets, cost_table, latency, protocol.drop_tolerance_pp,
-                            prune=protocol.prune_exits)
+    calibration = calibrate(
+        probs_calib, targets, cost_table, latency, protocol.drop_tolerance_pp, prune=protocol.prune_exits
+    )
     at_threshold = apply_calibration(probs_test, y_test, calibration, cost_table, latency)
     test_sweep = sweep(probs_test, y_test, ExitCosts.flops(cost_table), calibration.active_exits, latency)
     num_exits = model.num_exits

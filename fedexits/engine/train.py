@@ -60,8 +60,9 @@ class TrainConfig:
 def _optimizer(params, config: TrainConfig):
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, nesterov=True)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
 
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
@@ -114,17 +115,22 @@ def train_global(
         log.info("global model %s is complete (%d epochs); reusing it", checkpoint_path, start_epoch)
         model.eval()
         return history
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("global training", total=total_steps,
-                            completed=start_epoch * steps_per_epoch, loss=float("nan"))
+        task = bar.add_task(
+            "global training", total=total_steps, completed=start_epoch * steps_per_epoch, loss=float("nan")
+        )
         for epoch in range(start_epoch, config.epochs):
             # Per-epoch seeds: a resumed run shuffles exactly like an uninterrupted one.
             torch.manual_seed(config.seed * 10_000 + epoch)
             order = torch.randperm(len(dataset)).tolist()
-            loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order,
-                                drop_last=drop_last)
+            loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order, drop_last=drop_last)
             started = time.perf_counter()
             total, batches = 0.0, 0
             _set_train_mode(model, config.mode)
@@ -140,11 +146,23 @@ def train_global(
                 bar.update(task, advance=1, loss=total / batches)
             history["epoch_loss"].append(total / max(batches, 1))
             history["seconds"] += time.perf_counter() - started
-            log.info("global training epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, config.epochs,
-                     history["epoch_loss"][-1], time.perf_counter() - started)
+            log.info(
+                "global training epoch %d/%d: loss %.4f (%.0f s)",
+                epoch + 1,
+                config.epochs,
+                history["epoch_loss"][-1],
+                time.perf_counter() - started,
+            )
             if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model, train_config=asdict(config), extra=extra,
-                                epoch=epoch + 1, optimizer=optimizer.state_dict(), history=history)
+                save_checkpoint(
+                    checkpoint_path,
+                    model,
+                    train_config=asdict(config),
+                    extra=extra,
+                    epoch=epoch + 1,
+                    optimizer=optimizer.state_dict(),
+                    history=history,
+                )
     model.eval()
     return history
 

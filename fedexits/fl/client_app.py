@@ -52,8 +52,9 @@ def train_exits(msg: Message, context: Context) -> Message:
     worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
-        state, n, loss = worker.train_user(user, msg.content["arrays"].to_torch_state_dict(),
-                                           int(config["server-round"]))
+        state, n, loss = worker.train_user(
+            user, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"])
+        )
     except EXPECTED_ERRORS as exc:
         return _user_error(msg, user, exc)
     metrics = MetricRecord({"num-examples": n, "train-loss": loss})

@@ -31,12 +31,15 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
         if len(nodes) >= expected:
             return nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected} virtual clients registered in {timeout_s:.0f} s")
+            raise RuntimeError(
+                f"only {len(nodes)} of {expected} virtual clients registered in {timeout_s:.0f} s"
+            )
         time.sleep(0.1)
 
 
-def send_with_progress(grid: Grid, messages: list[Message], description: str,
-                       max_in_flight: int = 32, timeout_s: float = 3600) -> list[Message]:
+def send_with_progress(
+    grid: Grid, messages: list[Message], description: str, max_in_flight: int = 32, timeout_s: float = 3600
+) -> list[Message]:
     """Push messages a few at a time (bounded memory) and pull replies, showing progress."""
     replies: list[Message] = []
     pending: set[str] = set()
@@ -64,8 +67,10 @@ def send_with_progress(grid: Grid, messages: list[Message], description: str,
 
 def discover_partitions(grid: Grid, nodes: list[int]) -> dict[int, int]:
     """partition id -> node id, asked of every node once (node ids are random in simulation)."""
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in nodes]
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
     replies = send_with_progress(grid, messages, "registering clients", max_in_flight=len(messages))
     failed = [r.error.reason for r in replies if r.has_error()]
     if failed:
@@ -131,8 +136,13 @@ def to_record(init: str, user: str, reply: Message) -> dict:
         return {"user": user, "init": init, "result": None, "error": one_line_reason(reply.error.reason)}
     info = reply.content["info"]
     result = {key: (list(v) if isinstance(v, list) else v) for key, v in reply.content["result"].items()}
-    return {"user": str(info["user"]), "init": init, "result": result, "error": None,
-            "notes": json.loads(str(info["notes"]))}
+    return {
+        "user": str(info["user"]),
+        "init": init,
+        "result": result,
+        "error": None,
+        "notes": json.loads(str(info["notes"])),
+    }
 
 
 def run_study(grid: Grid, config: dict, users: list[str], num_held_out: int) -> dict:
@@ -153,21 +163,29 @@ def run_study(grid: Grid, config: dict, users: list[str], num_held_out: int) -> 
         arrays = ArrayRecord(exits)
         messages = [
             Message(
-                RecordDict({"arrays": arrays, "config": ConfigRecord({"init": init, "run-config": run_config})}),
+                RecordDict(
+                    {"arrays": arrays, "config": ConfigRecord({"init": init, "run-config": run_config})}
+                ),
                 dst_node_id=node_of[p],
                 message_type=MessageType.EVALUATE,
             )
             for p in chosen
         ]
-        replies = send_with_progress(grid, messages, f"personalising ({init})",
-                                     max_in_flight=int(sim["max_in_flight"]), timeout_s=float(sim["timeout_s"]))
+        replies = send_with_progress(
+            grid,
+            messages,
+            f"personalising ({init})",
+            max_in_flight=int(sim["max_in_flight"]),
+            timeout_s=float(sim["timeout_s"]),
+        )
         records += [to_record(init, users[partition_of[r.metadata.src_node_id]], r) for r in replies]
     records.sort(key=lambda r: (config["init"]["inits"].index(r["init"]), r["user"]))
     return {"records": records, "federated": federated}
 
 
-def make_server_app(config: dict, users: list[str], num_held_out: int,
-                    sink: Callable[[dict], None]) -> ServerApp:
+def make_server_app(
+    config: dict, users: list[str], num_held_out: int, sink: Callable[[dict], None]
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()

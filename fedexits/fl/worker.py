@@ -79,8 +79,14 @@ class Worker:
         data = self.population.load_user(user, label_fraction=1.0, seed=user_seed(seed, user))
         self.load_exits(exits)
         local = PersonalisationConfig(
-            alpha=1.0, beta=0.0, gamma=0.0, epochs=int(fed["local_epochs"]), lr=float(fed["lr"]),
-            batch_size=int(fed["batch_size"]), guard=False, seed=user_seed(seed + server_round, user),
+            alpha=1.0,
+            beta=0.0,
+            gamma=0.0,
+            epochs=int(fed["local_epochs"]),
+            lr=float(fed["lr"]),
+            batch_size=int(fed["batch_size"]),
+            guard=False,
+            seed=user_seed(seed + server_round, user),
         )
         result = personalise(self.model, data.train_x, data.train_y, data.labelled, local)
         return self.model.exits.state_dict(), data.n_train, result.epoch_losses[-1]
@@ -119,8 +125,13 @@ def get_worker(run_config_json: str) -> Worker:
     )
 
 
-def run_users_in_process(config: dict, users: list[str], exits: dict[str, torch.Tensor],
-                         init: str = "global", progress: bool = True) -> list[dict]:
+def run_users_in_process(
+    config: dict,
+    users: list[str],
+    exits: dict[str, torch.Tensor],
+    init: str = "global",
+    progress: bool = True,
+) -> list[dict]:
     """The same per-user work as the Flower clients, in a plain loop in this process (the
     baseline for the simulation-overhead benchmark, and handy in notebooks)."""
     from rich.progress import track

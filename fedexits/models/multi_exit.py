@@ -127,9 +127,7 @@ class MultiExitSpec:
 
     def resolved_input_shape(self) -> tuple[int, int, int]:
         if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"unknown backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}"
-            )
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
         return tuple(self.input_shape or BACKBONES[self.backbone][1])
 
 

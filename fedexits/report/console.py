@@ -11,7 +11,9 @@ from rich.table import Table
 def print_summary(summary: dict, out_dir: str | Path) -> None:
     console = Console()
     for init, s in (summary.get("inits") or {}).items():
-        table = Table(title=f"init={init}: {s.get('users_ok', 0)} users ok, {s.get('users_failed', 0)} failed")
+        table = Table(
+            title=f"init={init}: {s.get('users_ok', 0)} users ok, {s.get('users_failed', 0)} failed"
+        )
         for column in ("exit", "before", "after", "helped", "hurt", "MFLOPs"):
             table.add_column(column, justify="right")
         for row in s.get("exits", []):

@@ -172,9 +172,7 @@ def render_run_report(
     tolerance = summary.get("drop_tolerance_pp")
     users = summary.get("users", {})
     setup = {key: value for key, value in flatten(meta).items() if not key.startswith("timings.")}
-    exits = exits.assign(
-        exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))]
-    )
+    exits = exits.assign(exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))])
     lines = [
         f"# fedexits run report: {_name_of(meta.get('dataset'))} / {_name_of(meta.get('model'))}",
         "",

@@ -96,9 +96,7 @@ def plot_accuracy_cdf(per_user: pd.DataFrame, path: Path) -> Path:
         axes.xaxis.set_major_formatter(PercentFormatter(1.0))
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel("fraction of users")
-    handles = [
-        Line2D([], [], color=_exit_colour(e), label=exits_seen[e]) for e in sorted(exits_seen)
-    ]
+    handles = [Line2D([], [], color=_exit_colour(e), label=exits_seen[e]) for e in sorted(exits_seen)]
     handles += [
         Line2D([], [], color="grey", linestyle=STAGE_STYLES[s], label=STAGE_NAMES[s])
         for s in (STAGE_BEFORE, STAGE_AFTER)
@@ -245,9 +243,7 @@ def plot_sweep_accuracy(table: pd.DataFrame, path: Path) -> Path:
         axes.yaxis.set_major_formatter(PercentFormatter(1.0))
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel("mean personalised accuracy")
-    handles = [
-        Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()
-    ]
+    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
     figure.legend(
         handles=handles,
         loc="outside right center",

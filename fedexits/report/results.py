@@ -35,9 +35,16 @@ def build_frames(records: list[dict], cost_table: pd.DataFrame) -> dict[str, pd.
                 if stage == "personalised" and k < final_exit and result["guard_fired"][k] >= 0:
                     guard = bool(result["guard_fired"][k])
                 per_user.append(
-                    {**common, "stage": stage, "exit": k, "accuracy": float(accuracy),
-                     "mflops": mflops[k], "params": int(params[k]), "latency_ms": float(latency[k]),
-                     "guard_fired": guard}
+                    {
+                        **common,
+                        "stage": stage,
+                        "exit": k,
+                        "accuracy": float(accuracy),
+                        "mflops": mflops[k],
+                        "params": int(params[k]),
+                        "latency_ms": float(latency[k]),
+                        "guard_fired": guard,
+                    }
                 )
         thresholds.append(
             {
@@ -56,9 +63,19 @@ def build_frames(records: list[dict], cost_table: pd.DataFrame) -> dict[str, pd.
             }
         )
         latencies = result.get("sweep_latency_ms") or [float("nan")] * len(result["sweep_threshold"])
-        for t, acc, mf, lat in zip(result["sweep_threshold"], result["sweep_accuracy"], result["sweep_mflops"], latencies):
-            sweep.append({"user": user, "init": init, "threshold": t, "accuracy": acc,
-                          "expected_mflops": mf, "expected_latency_ms": lat})
+        for t, acc, mf, lat in zip(
+            result["sweep_threshold"], result["sweep_accuracy"], result["sweep_mflops"], latencies
+        ):
+            sweep.append(
+                {
+                    "user": user,
+                    "init": init,
+                    "threshold": t,
+                    "accuracy": acc,
+                    "expected_mflops": mf,
+                    "expected_latency_ms": lat,
+                }
+            )
     return {
         "per_user": pd.DataFrame(per_user),
         "thresholds": pd.DataFrame(thresholds),

@@ -115,8 +115,6 @@ def load_run(run_dir: str | Path) -> dict:
     """Read a run directory back: {"per_user", "thresholds", "sweep", "failures": DataFrame,
     "summary": dict}. Raises FileNotFoundError naming the first missing file."""
     run_dir = Path(run_dir)
-    loaded = {
-        name: read_result_csv(run_dir / file_name) for name, (file_name, _) in _CSV_FILES.items()
-    }
+    loaded = {name: read_result_csv(run_dir / file_name) for name, (file_name, _) in _CSV_FILES.items()}
     loaded["summary"] = json.loads((run_dir / SUMMARY_JSON).read_text(encoding="utf-8"))
     return loaded

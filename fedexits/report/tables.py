@@ -199,10 +199,7 @@ def summarise(
     personalise_seconds = _mean_personalise_seconds(per_user)
 
     inits = ordered_inits(
-        set(exits["init"])
-        | set(by_threshold.index)
-        | set(ok_runs["init"])
-        | set(failed_runs["init"])
+        set(exits["init"]) | set(by_threshold.index) | set(ok_runs["init"]) | set(failed_runs["init"])
     )
     per_init = {}
     for init in inits:  # a handful of inits; all per-row work is done by the groupbys above
