@@ -24,6 +24,7 @@ from fedexits.engine import ExitCosts, dynamic_inference, load_model
 from fedexits.engine.inference import fold_batchnorm
 from fedexits.engine.protocol import user_seed
 from fedexits.fl.worker import get_worker
+from fedexits.report.files import atomic_write_json
 from fedexits.simulate import compose_config, prepare
 
 
@@ -127,8 +128,7 @@ def main() -> None:
         "overrides": args.overrides,
         "per_user": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_json(result, args.json)
     for key in (
         "speedup_at_1pp",
         "speedup_at_1pp_batch1",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ import torch
 
 from fedexits.engine import PersonalisationConfig, finetune_full, load_model, peak_memory_mb, personalise
 from fedexits.models import build_multi_exit, cost_table
+from fedexits.report.files import atomic_write_json
 
 
 def user_images(n: int, seed: int, source: str | None):
@@ -130,8 +130,7 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(),
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_json(result, args.json)
     for key in (
         "forward_s",
         "personalise_s",

@@ -10,7 +10,6 @@ Writes JSON with `flower_over_loop` and checks that both paths computed the same
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from fedexits.engine import load_model
 from fedexits.fl.worker import get_worker, run_users_in_process
+from fedexits.report.files import atomic_write_json
 from fedexits.report.results import build_frames
 from fedexits.simulate import TIMING_COLUMNS, compose_config, prepare, run_flower
 
@@ -79,8 +79,7 @@ def main() -> None:
         },
         "overrides": overrides,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_json(result, args.json)
     print(pd.Series({k: v for k, v in result.items() if not isinstance(v, (dict, list))}).to_string())
     print(f"wrote {args.json}")
 

@@ -14,9 +14,8 @@ import logging
 import os
 import sys
 
-import numpy as np
-
 from fedexits.data import DataError
+from fedexits.data.cache import summary_line
 from fedexits.data.config import CommonConfig
 from fedexits.data.hub import HUB_DATASET, hub_cache
 
@@ -41,12 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    counts = np.array([count for _, count in cache.users.values()])
     print(f"cache: {cache.path}")
-    print(
-        f"writers: {len(counts)}, images: {counts.sum()}, per writer: mean {counts.mean():.1f}, "
-        f"sd {counts.std():.1f}, min {counts.min()}, max {counts.max()}"
-    )
+    print(summary_line(cache))
     print(f"dark-on-white images inverted: {cache.info.get('inverted', 0)}")
     return 0
 

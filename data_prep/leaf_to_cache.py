@@ -13,9 +13,8 @@ import logging
 import os
 import sys
 
-import numpy as np
-
 from fedexits.data import DataError
+from fedexits.data.cache import summary_line
 from fedexits.data.config import CommonConfig
 from fedexits.data.leaf import leaf_cache
 
@@ -33,12 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    counts = np.array([count for _, count in cache.users.values()])
     print(f"cache: {cache.path}")
-    print(
-        f"writers: {len(counts)}, images: {counts.sum()}, per writer: mean {counts.mean():.1f}, "
-        f"sd {counts.std():.1f}, min {counts.min()}, max {counts.max()}"
-    )
+    print(summary_line(cache))
     return 0
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DataError, build_population
 from .engine import TrainConfig, train_global
-from .fl.worker import partition_users, personalisation_from_config
+from .fl.worker import partition_users, personalisation_from_config, profile_latency
 from .models import MultiExitSpec, build_multi_exit, cost_table
 from .report import write_run_report
 from .report.files import atomic_write_csv, atomic_write_text
@@ -113,7 +114,15 @@ def prepare(config: dict, progress: bool = True) -> Prepared:
         extra={"dataset": config["dataset"]},
     )
     include_global = "federated" in config["init"]["inits"]
-    config = {**config, "checkpoint": str(path), "architecture": spec.architecture()}
+    # Every virtual client shares this machine: profile latency once, quietly, before Ray starts
+    # (clients measuring themselves would disturb each other).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config["simulation"]["client_cpus"])))  # as a client runs
+    try:
+        latency = profile_latency(model, int(config["simulation"]["latency_repeats"]))
+    finally:
+        torch.set_num_threads(threads)
+    config = {**config, "checkpoint": str(path), "architecture": spec.architecture(), "latency": latency}
     return Prepared(
         config=config,
         users=partition_users(population, include_global),

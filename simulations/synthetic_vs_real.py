@@ -12,20 +12,21 @@ report global accuracy on new users, the spread across users and the personalisa
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from fedexits.engine import load_model
 from fedexits.fl.worker import get_worker, run_users_in_process
+from fedexits.report import load_run
 from fedexits.report.markdown import markdown_table
 from fedexits.report.results import build_frames
 from fedexits.simulate import compose_config, prepare
 
 
-def population_stats(frames: dict, prepared) -> dict:
-    per_user, thresholds = frames["per_user"], frames["thresholds"]
+def population_stats(
+    per_user: pd.DataFrame, thresholds: pd.DataFrame, population: dict, training: dict
+) -> dict:
     final_exit = per_user["exit"].max()
     wide = per_user.pivot_table(index=["user", "exit"], columns="stage", values="accuracy")
     final = wide.xs(final_exit, level="exit")["global"]
@@ -34,9 +35,9 @@ def population_stats(frames: dict, prepared) -> dict:
     gain = (per_user_early["personalised"] - per_user_early["global"]) * 100
     return {
         "users personalised": len(final),
-        "global users": prepared.population["global_users"],
-        "images per user (mean ± sd)": f"{prepared.population['images_per_user_mean']:.0f} ± "
-        f"{prepared.population['images_per_user_sd']:.0f}",
+        "global users": population["global_users"],
+        "images per user (mean ± sd)": f"{population['images_per_user_mean']:.0f} ± "
+        f"{population['images_per_user_sd']:.0f}",
         "global model, final exit on new users": f"{100 * final.mean():.1f}% ± {100 * final.std():.1f}",
         "global model, early exits on new users": f"{100 * per_user_early['global'].mean():.1f}% ± "
         f"{100 * per_user_early['global'].std():.1f}",
@@ -45,20 +46,39 @@ def population_stats(frames: dict, prepared) -> dict:
         "gain per user, early exits (pp)": f"{gain.mean():+.2f} (median {gain.median():+.2f})",
         "users helped / hurt (mean over early exits)": f"{(gain > 0).mean():.0%} / {(gain < 0).mean():.0%}",
         "speedup at 1 pp (FLOPs, mean)": f"{thresholds['speedup'].mean():.2f}x",
-        "global training (s)": round(prepared.training["train_seconds"]),
+        "global training epochs": len(training["epoch_loss"]),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--population", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), required=True
+        "--population",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "OVERRIDES"),
+        help="run the protocol in-process on this population",
+    )
+    parser.add_argument(
+        "--run",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "RUN_DIR"),
+        help="read a finished `python -m fedexits.simulate` run instead",
     )
     parser.add_argument("--users", type=int, default=100, help="held-out users per population")
     parser.add_argument("--out", type=Path, default=Path("results/synthetic_vs_real"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     columns = {}
+    for name, run_dir in args.run:
+        run = load_run(run_dir)
+        meta = run["summary"]["meta"]
+        per_user = run["per_user"][run["per_user"]["init"] == "global"]
+        thresholds = run["thresholds"][run["thresholds"]["init"] == "global"]
+        columns[name] = population_stats(per_user, thresholds, meta["dataset"], meta["global_training"])
     for name, overrides in args.population:
         prepared = prepare(compose_config(overrides.split()))
         exits = load_model(prepared.config["checkpoint"])[0].exits.state_dict()
@@ -68,8 +88,9 @@ def main() -> None:
             run_users_in_process(prepared.config, users, exits, init=name), prepared.cost_table
         )
         frames["per_user"].to_csv(args.out / f"per_user_{name.replace(' ', '_')}.csv", index=False)
-        columns[name] = population_stats(frames, prepared)
-        print(json.dumps({name: columns[name]}, indent=1))
+        columns[name] = population_stats(
+            frames["per_user"], frames["thresholds"], prepared.population, prepared.training
+        )
     table = pd.DataFrame(columns).rename_axis("statistic").reset_index()
     table.to_csv(args.out / "comparison.csv", index=False)
     text = markdown_table(table)

@@ -247,3 +247,12 @@ def open_or_build(
         lambda path: ImageCache.open(path, settings, fingerprint),
         build_into,
     )
+
+
+def summary_line(cache: ImageCache) -> str:
+    """One line about a cache's writers and images (for the data_prep scripts)."""
+    counts = np.array([count for _, count in cache.users.values()])
+    return (
+        f"writers: {len(counts)}, images: {counts.sum()}, per writer: mean {counts.mean():.1f}, "
+        f"sd {counts.std():.1f}, min {counts.min()}, max {counts.max()}"
+    )

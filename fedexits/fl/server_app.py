@@ -1,9 +1,10 @@
 """ServerApp: waits for every virtual client, maps nodes to users, initialises the exits (global,
 federated or scratch), sends each sampled held-out user its exits and collects the results.
 
-`make_server_app(config, sink)` is what `fedexits.simulate` runs (config passed in, because
-`context.run_config` is empty under `run_simulation`); the module-level `app` is the entry point
-for `flwr run .`, which composes the same Hydra config from the run config.
+`make_server_app(config, users, num_held_out, sink)` is what `fedexits.simulate` runs (the config
+is passed in, because `context.run_config` is empty under `run_simulation`); the module-level
+`app` is the entry point for `flwr run .`, which composes the same Hydra config from the run
+config.
 """
 
 from __future__ import annotations

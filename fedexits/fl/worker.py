@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Population, build_population
-from ..engine import PersonalisationConfig, latency_costs, load_model, measure_latency, personalise
+from ..engine import (
+    ExitCosts,
+    PersonalisationConfig,
+    fold_batchnorm,
+    latency_costs,
+    load_model,
+    measure_latency,
+    personalise,
+)
 from ..engine.protocol import UserProtocol, personalisation_for_user, run_user, user_seed
 from ..models import cost_table
 
@@ -41,12 +49,13 @@ class Worker:
 
     @property
     def latency(self):
-        """Per-exit latency on this machine, measured once per process (it depends on the model
-        and the hardware, not on the user)."""
+        """Per-exit latency (batch 1): the profile measured once for the run (`latency` in the
+        config, see `profile_latency`), or, without one (a real device), measured here once."""
         if self._latency is None:
-            sim = self.config["simulation"]
-            table = measure_latency(self.model, batch_sizes=(1,), repeats=int(sim["latency_repeats"]))
-            self._latency = latency_costs(table, batch_size=1)
+            profile = self.config.get("latency") or profile_latency(
+                self.model, int(self.config["simulation"]["latency_repeats"])
+            )
+            self._latency = ExitCosts(profile["backbone"], profile["heads"])
         return self._latency
 
     def load_exits(self, state: dict[str, torch.Tensor]) -> None:
@@ -90,6 +99,13 @@ class Worker:
         )
         result = personalise(self.model, data.train_x, data.train_y, data.labelled, local)
         return self.model.exits.state_dict(), data.n_train, result.epoch_losses[-1]
+
+
+def profile_latency(model, repeats: int) -> dict:
+    """Per-exit latency at batch 1 of the model as a device runs it (BatchNorm folded), in the
+    calibration's form: prefix to each attach point and each head, in ms."""
+    costs = latency_costs(measure_latency(fold_batchnorm(model), batch_sizes=(1,), repeats=repeats))
+    return {"backbone": list(costs.backbone), "heads": list(costs.heads)}
 
 
 def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, UserProtocol]:
