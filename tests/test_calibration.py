@@ -109,3 +109,20 @@ def test_bad_calibration_arguments():
         calibrate(probs, None, table, tolerance_pp=-1)
     with pytest.raises(ValueError, match=r"thresholds must be in \[0, 1\]"):
         calibrate(probs, None, table, thresholds=[0.5, 1.2])
+
+
+def test_margin_rejects_thresholds_that_win_on_luck():
+    # 20 calibration samples; at threshold 0 exit 0 loses 2 and gains 2 against the final exit:
+    # zero measured drop, but with a standard error of sqrt(4)/20 = 10 pp
+    conf0 = [0.9] * 20
+    pred0 = [0, 0] + [1, 1] + [1] * 16  # wrong on 0-1, right on 2-3 (final is wrong there)
+    final = [1, 1] + [0, 0] + [1] * 16
+    probs = one_hot_probs([conf0, [0.9] * 20], [pred0, final])
+    targets = torch.ones(20, dtype=torch.long)
+    table = costs_table([1.0, 10.0], [0.1, 0.0])
+    lucky = calibrate(probs, targets, table, tolerance_pp=1.0, margin_z=0.0)
+    assert lucky.threshold == 0.0 and lucky.accuracy == lucky.final_accuracy
+    careful = calibrate(probs, targets, table, tolerance_pp=1.0, margin_z=1.0)
+    assert careful.active_exits == [False]  # the exit cannot be trusted: it is switched off
+    with pytest.raises(ValueError, match="calibration margin must be >= 0"):
+        calibrate(probs, targets, table, margin_z=-1)

@@ -68,11 +68,15 @@ def sweep(
     taken = exits_taken(probs, t, active)  # (T, N)
     predictions = probs.argmax(dim=-1)  # (M+1, N)
     correct = predictions.gather(0, taken) == targets[None]
+    final_correct = (predictions[-1] == targets)[None]
     table = pd.DataFrame(
         {
             "threshold": list(thresholds),
             "accuracy": correct.double().mean(dim=1).numpy(),
             "expected_mflops": flops.per_exit(active)[taken].mean(dim=1).numpy(),
+            # paired with the final exit: samples it gets right that an early exit loses, and back
+            "losses": (final_correct & ~correct).sum(dim=1).numpy(),
+            "gains": (~final_correct & correct).sum(dim=1).numpy(),
         }
     )
     if latency is not None:
@@ -121,9 +125,12 @@ class Calibration:
         return [self.threshold if on else None for on in self.active_exits]
 
 
-def _choose(table: pd.DataFrame, final_accuracy: float, tolerance_pp: float) -> pd.Series:
-    """The smallest threshold whose accuracy is within the tolerance of the final exit."""
-    ok = table[table["accuracy"] >= final_accuracy - tolerance_pp / 100 - 1e-12]
+def _choose(table: pd.DataFrame, n: int, tolerance_pp: float, margin_z: float) -> pd.Series:
+    """The smallest threshold whose accuracy drop against the final exit is within the tolerance.
+    The drop is measured paired, (losses - gains) / n; `margin_z` > 0 adds z standard errors,
+    sqrt(losses + gains) / n, so a small calibration set does not pick a threshold on luck."""
+    drop = (table["losses"] - table["gains"] + margin_z * (table["losses"] + table["gains"]) ** 0.5) / n
+    ok = table[drop <= tolerance_pp / 100 + 1e-12]
     return ok.iloc[0]  # threshold 1.0 sends every sample to the final exit, so ok is never empty
 
 
@@ -135,15 +142,18 @@ def calibrate(
     tolerance_pp: float = 1.0,
     prune: bool = True,
     thresholds: Sequence[float] = THRESHOLDS,
+    margin_z: float = 0.0,
 ) -> Calibration:
     """Choose a user's threshold on its calibration set.
 
     `targets` are labels, or None to measure agreement with the final exit (users without
-    labels). With `prune`, exits are switched off greedily while that lowers the expected cost at
+    labels). `margin_z` makes the choice conservative on small calibration sets (see `_choose`). With `prune`, exits are switched off greedily while that lowers the expected cost at
     the chosen threshold (an exit that never lets samples leave only adds its head's cost).
     """
     if tolerance_pp < 0:
         raise ValueError(f"drop tolerance must be >= 0 percentage points, got {tolerance_pp}")
+    if margin_z < 0:
+        raise ValueError(f"calibration margin must be >= 0 standard errors, got {margin_z}")
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"thresholds must be in [0, 1], got {t}")
@@ -154,7 +164,7 @@ def calibrate(
 
     def evaluate(active):
         table = sweep(probs, targets, flops, active, latency, thresholds)
-        return table, _choose(table, final_accuracy, tolerance_pp)
+        return table, _choose(table, len(targets), tolerance_pp, margin_z)
 
     active = [True] * (probs.shape[0] - 1)
     table, chosen = evaluate(active)

@@ -21,12 +21,15 @@ class UserProtocol:
     drop_tolerance_pp: float = 1.0
     prune_exits: bool = True
     profile_memory: bool = False  # peak tensor memory of personalisation (slows it ~2x)
+    calibration_margin_z: float = 0.0  # standard errors added to the calibration's drop
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"personalisation method must be one of {sorted(METHODS)}, got {self.method!r}")
         if not self.drop_tolerance_pp >= 0:
             raise ValueError(f"drop tolerance must be >= 0 percentage points, got {self.drop_tolerance_pp}")
+        if not self.calibration_margin_z >= 0:
+            raise ValueError(f"calibration margin must be >= 0 standard errors, got {self.calibration_margin_z}")
 
 
 def run_user(
@@ -69,7 +72,13 @@ def run_user(
     final_pred = probs_calib[-1].argmax(-1)
     targets = torch.where(labelled[calib_idx], y[calib_idx], final_pred)
     calibration = calibrate(
-        probs_calib, targets, cost_table, latency, protocol.drop_tolerance_pp, prune=protocol.prune_exits
+        probs_calib,
+        targets,
+        cost_table,
+        latency,
+        protocol.drop_tolerance_pp,
+        prune=protocol.prune_exits,
+        margin_z=protocol.calibration_margin_z,
     )
     at_threshold = apply_calibration(probs_test, y_test, calibration, cost_table, latency)
     test_sweep = sweep(probs_test, y_test, ExitCosts.flops(cost_table), calibration.active_exits, latency)

@@ -115,6 +115,7 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
         drop_tolerance_pp=float(p.pop("drop_tolerance_pp", 1.0)),
         prune_exits=bool(p.pop("prune_exits", True)),
         profile_memory=bool(config["simulation"].get("profile_memory", False)),
+        calibration_margin_z=float(p.pop("calibration_margin_z", 0.0)),
     )
     label_fraction = p.pop("label_fraction", 1.0)
     if not 0.0 <= float(label_fraction) <= 1.0:
