@@ -16,7 +16,7 @@ import sys
 
 from fedexits.data import DataError
 from fedexits.data.cache import summary_line
-from fedexits.data.config import CommonConfig
+from fedexits.data.config import default_cache_dir
 from fedexits.data.hub import HUB_DATASET, hub_cache
 
 
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         help="parquet file(s) or folder(s) in the hub schema; omit to download",
     )
     parser.add_argument("--dataset", default=HUB_DATASET, help="hub dataset id (default: %(default)s)")
-    parser.add_argument(
-        "--cache-dir", default=CommonConfig.cache_dir, help="cache root (default: %(default)s)"
-    )
+    parser.add_argument("--cache-dir", default=default_cache_dir(), help="cache root (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = None if args.parquet is None else (args.parquet[0] if len(args.parquet) == 1 else args.parquet)

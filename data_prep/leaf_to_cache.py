@@ -15,16 +15,14 @@ import sys
 
 from fedexits.data import DataError
 from fedexits.data.cache import summary_line
-from fedexits.data.config import CommonConfig
+from fedexits.data.config import default_cache_dir
 from fedexits.data.leaf import leaf_cache
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="LEAF data folder with train/*.json and test/*.json")
-    parser.add_argument(
-        "--cache-dir", default=CommonConfig.cache_dir, help="cache root (default: %(default)s)"
-    )
+    parser.add_argument("--cache-dir", default=default_cache_dir(), help="cache root (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -23,6 +23,7 @@ class CommonConfig:
 
     source: which data source builds the population.
     cache_dir: where caches live ("~" is expanded); each source keeps a subfolder per setting.
+        Default: $FEDEXITS_CACHE_DIR/data, else ~/.cache/fedexits/data (what the CLI uses too).
     seed: chooses held-out users and each user's test split; for synthetic data it also seeds the
         images (another seed = other writers), for imagenet_folder the users' samples.
     num_held_out: how many users are held out (chosen with `seed` among users with >= min_images);
@@ -36,7 +37,7 @@ class CommonConfig:
     """
 
     source: str = "synthetic"
-    cache_dir: str = "~/.cache/fedexits"
+    cache_dir: str | None = None  # None: default_cache_dir()
     seed: int = 0
     num_held_out: int = 50
     held_out_file: str | None = None
@@ -223,12 +224,17 @@ def parse_config(cfg: Mapping) -> CommonConfig:
         )
     values = {key: _check_type(source, key, value, str(fields[key].type)) for key, value in raw.items()}
     values["source"] = source
-    values["cache_dir"] = os.path.abspath(os.path.expanduser(values.get("cache_dir", CommonConfig.cache_dir)))
+    values["cache_dir"] = os.path.abspath(os.path.expanduser(values.get("cache_dir") or default_cache_dir()))
     if source in ("femnist_leaf", "imagenet_folder") and values.get("path") is None:
         raise DataError(f"{source} config: path is required")
     if source == "imagenet_folder" and values.get("held_out_file") is not None:
         raise DataError("imagenet_folder config: held_out_file is not supported (users are generated)")
     return config_class(**values)
+
+
+def default_cache_dir() -> str:
+    """The data cache shared by notebooks and `python -m fedexits.simulate`."""
+    return os.path.join(os.environ.get("FEDEXITS_CACHE_DIR", "~/.cache/fedexits"), "data")
 
 
 def config_defaults(source: str) -> dict[str, Any]:

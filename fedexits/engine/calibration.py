@@ -147,8 +147,9 @@ def calibrate(
     """Choose a user's threshold on its calibration set.
 
     `targets` are labels, or None to measure agreement with the final exit (users without
-    labels). `margin_z` makes the choice conservative on small calibration sets (see `_choose`). With `prune`, exits are switched off greedily while that lowers the expected cost at
-    the chosen threshold (an exit that never lets samples leave only adds its head's cost).
+    labels). `margin_z` makes the choice conservative on small calibration sets (see `_choose`).
+    With `prune`, exits are switched off greedily while that lowers the expected cost at the
+    chosen threshold (an exit that never lets samples leave only adds its head's cost).
     """
     if tolerance_pp < 0:
         raise ValueError(f"drop tolerance must be >= 0 percentage points, got {tolerance_pp}")

@@ -29,7 +29,8 @@ class UserProtocol:
         if not self.drop_tolerance_pp >= 0:
             raise ValueError(f"drop tolerance must be >= 0 percentage points, got {self.drop_tolerance_pp}")
         if not self.calibration_margin_z >= 0:
-            raise ValueError(f"calibration margin must be >= 0 standard errors, got {self.calibration_margin_z}")
+            margin = self.calibration_margin_z
+            raise ValueError(f"calibration margin must be >= 0 standard errors, got {margin}")
 
 
 def run_user(
