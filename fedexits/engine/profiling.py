@@ -16,43 +16,46 @@ from torch.utils._pytree import tree_leaves
 from .calibration import ExitCosts
 
 
-def median_ms(
-    fn: Callable[[], object], repeats: int = 20, warmup: int = 3, max_seconds: float = 5.0
-) -> float:
-    """Median wall time of `fn` in milliseconds; stops early (after at least 3 runs) once
-    `max_seconds` are spent, so big models at big batches stay affordable."""
+def _elapsed_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved_medians_ms(
+    fns: Sequence[Callable[[], object]], repeats: int = 20, warmup: int = 3, max_seconds: float = 10.0
+) -> list[float]:
+    """Median wall time of each function, timed round-robin (fn 0, fn 1, ..., fn 0, ...), so a
+    transient disturbance (another process, a GC pause) spreads over all of them instead of
+    skewing one. Stops early, after at least 3 rounds, once `max_seconds` are spent."""
     for _ in range(warmup):
-        fn()
-    times, spent = [], 0.0
-    while len(times) < repeats and (len(times) < 3 or spent < max_seconds):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        times.append(elapsed * 1e3)
-        spent += elapsed
-    return statistics.median(times)
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    started = time.perf_counter()
+    while len(times[0]) < repeats and (len(times[0]) < 3 or time.perf_counter() - started < max_seconds):
+        for fn, measured in zip(fns, times):
+            measured.append(_elapsed_ms(fn))
+    return [statistics.median(measured) for measured in times]
 
 
 @torch.no_grad()
 def measure_latency(model, batch_sizes: Sequence[int] = (1, 32), repeats: int = 20) -> pd.DataFrame:
     """Per exit (0..M, M = full network): latency of the network truncated there and of its head
-    alone, at each batch size (median of repeated runs, inputs of the model's shape)."""
+    alone, at each batch size (median of repeated, interleaved runs on inputs of the model's
+    shape)."""
     model.eval()
     rows = []
     for b in batch_sizes:
         x = torch.randn(b, *model.input_shape)
         head_inputs = model.attach_point_features(x)  # every exit's input, then the classifier's
         heads = list(model.exits) + [model.classifier]
-        for k, (head, h) in enumerate(zip(heads, head_inputs)):
-            truncated = functools.partial(model.forward_to_exit, x, k)
-            rows.append(
-                dict(
-                    exit=k,
-                    batch_size=b,
-                    latency_ms=median_ms(truncated, repeats),
-                    head_ms=median_ms(functools.partial(head, h), repeats),
-                )
-            )
+        exits = range(len(heads))
+        truncated = [functools.partial(model.forward_to_exit, x, k) for k in exits]
+        alone = [functools.partial(head, h) for head, h in zip(heads, head_inputs)]
+        medians = interleaved_medians_ms(truncated + alone, repeats)
+        for k in exits:
+            rows.append(dict(exit=k, batch_size=b, latency_ms=medians[k], head_ms=medians[len(heads) + k]))
     table = pd.DataFrame(rows)
     table["per_sample_ms"] = table["latency_ms"] / table["batch_size"]
     return table
