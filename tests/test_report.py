@@ -44,7 +44,7 @@ MFLOPS, PARAMS, LATENCY = [10.0, 25.0, 45.0, 80.0], [1000, 3000, 6000, 10000], [
 ERROR = "DataError: user u3 has 4 images, needs at least 10"
 META = {
     "dataset": {"name": "synthetic"},
-    "model": {"name": "tiny-cnn"},
+    "model": {"backbone": "tiny-cnn"},
     "seed": 7,
     "drop_tolerance_pp": 1.0,
     "timings": {"global_model_s": 1.5, "simulation_s": 2.5, "total_s": 4.0},

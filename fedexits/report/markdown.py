@@ -94,7 +94,7 @@ def flatten(mapping: Mapping, prefix: str = "") -> dict:
 
 def _name_of(value) -> str:
     if isinstance(value, Mapping):
-        return str(value.get("name", "")) or MISSING
+        return str(value.get("name") or value.get("backbone") or "") or MISSING
     return MISSING if is_missing(value) else str(value)
 
 
