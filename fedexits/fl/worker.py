@@ -46,6 +46,16 @@ class Worker:
     personalisation: PersonalisationConfig
     protocol: UserProtocol
     _latency: object = None
+    _shared_state: dict | None = None
+
+    def __post_init__(self):
+        # The baselines `final` and `full` train more than the exits: every user must start from
+        # the shared backbone and final classifier, not from the previous user's fine-tuned copy.
+        self._shared_state = {
+            name: tensor.clone()
+            for name, tensor in self.model.state_dict().items()
+            if not name.startswith("exits.")
+        }
 
     @property
     def latency(self):
@@ -59,6 +69,8 @@ class Worker:
         return self._latency
 
     def load_exits(self, state: dict[str, torch.Tensor]) -> None:
+        """The shared model with these exits (resets whatever the previous user changed)."""
+        self.model.load_state_dict(self._shared_state, strict=False)
         self.model.exits.load_state_dict(state)
 
     def personalise_user(self, user: str, exits: dict[str, torch.Tensor]) -> dict:
