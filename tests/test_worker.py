@@ -19,8 +19,13 @@ class ShiftedUsers:
     def load_user(self, user, label_fraction=1.0, seed=0):
         x, y = make_user(n=60, seed=int(user), shift=int(user))
         return SimpleNamespace(
-            train_x=x[:40], train_y=y[:40], labelled=torch.ones(40, dtype=torch.bool),
-            test_x=x[40:], test_y=y[40:], n_train=40, notes=[],
+            train_x=x[:40],
+            train_y=y[:40],
+            labelled=torch.ones(40, dtype=torch.bool),
+            test_x=x[40:],
+            test_y=y[40:],
+            n_train=40,
+            notes=[],
         )
 
 
