@@ -2,10 +2,10 @@
 
 For each user: personalise its exits, calibrate the threshold at the drop tolerance (1 pp by
 default) on its validation split, then time, on its test split, dynamic inference at that
-threshold against the plain network (median of --repeats, both in this run). Reported for batch
-1 (a phone classifying one image at a time) and for the whole test split as one batch (exited
-samples are dropped from the batch). The FLOP-predicted speedup at the same threshold comes from
-the cost table.
+threshold against the plain network (median of --repeats, both in this run, timed
+round-robin). Reported for batch 1 (a phone classifying one image at a time) and for the
+whole test split as one batch (exited samples are dropped from the batch). The FLOP-predicted
+speedup at the same threshold comes from the cost table.
 
     python benchmarks/early_exit_speed.py --json results/early_exit_speed.json [hydra overrides]
 """
@@ -15,27 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from fedexits.engine import ExitCosts, dynamic_inference, load_model
 from fedexits.engine.inference import fold_batchnorm
+from fedexits.engine.profiling import interleaved_medians_ms
 from fedexits.engine.protocol import user_seed
 from fedexits.fl.worker import get_worker
 from fedexits.report.files import atomic_write_json
 from fedexits.simulate import compose_config, prepare
-
-
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_user(model, table, x, thresholds, repeats: int) -> dict:
@@ -46,19 +36,20 @@ def time_user(model, table, x, thresholds, repeats: int) -> dict:
     def one_by_one(fn):
         return lambda: [fn(x[i : i + 1]) for i in range(len(x))]
 
-    with torch.no_grad():
-        dyn_b1 = median_s(one_by_one(lambda s: dynamic_inference(model, s, thresholds, table)), repeats)
-        full_b1 = median_s(one_by_one(lambda s: model.forward_to_exit(s, full)), repeats)
-        dyn_batch = median_s(
-            lambda: dynamic_inference(model, x, thresholds, table, batch_size=len(x)), repeats
+    with torch.no_grad():  # timed round-robin: a disturbance hits both paths alike
+        milliseconds = interleaved_medians_ms(
+            [
+                one_by_one(lambda s: dynamic_inference(model, s, thresholds, table)),
+                one_by_one(lambda s: model.forward_to_exit(s, full)),
+                lambda: dynamic_inference(model, x, thresholds, table, batch_size=len(x)),
+                lambda: model.forward_to_exit(x, full),
+            ],
+            repeats=repeats,
+            warmup=1,
+            max_seconds=float("inf"),
         )
-        full_batch = median_s(lambda: model.forward_to_exit(x, full), repeats)
-    return {
-        "dynamic_b1_s": dyn_b1,
-        "full_b1_s": full_b1,
-        "dynamic_batch_s": dyn_batch,
-        "full_batch_s": full_batch,
-    }
+    names = ("dynamic_b1_s", "full_b1_s", "dynamic_batch_s", "full_batch_s")
+    return {name: ms / 1000 for name, ms in zip(names, milliseconds)}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """How much cheaper is exit-only personalisation than the alternatives, on one FEMNIST-sized user?
 
-Times (median of --repeats, in one run): all-exit personalisation with the frozen-feature cache,
-the same without cache (the paper's way: backbone recomputed every epoch), full-network
+Times (median of --repeats, in one run, timed round-robin): all-exit personalisation with the
+frozen-feature cache, the same without cache (the paper's way: backbone recomputed every epoch), full-network
 fine-tuning, and one forward pass of the plain network over the same images. Prints ratios and
 writes JSON.
 
@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from fedexits.engine import PersonalisationConfig, finetune_full, load_model, peak_memory_mb, personalise
+from fedexits.engine.profiling import interleaved_medians_ms
 from fedexits.models import build_multi_exit, cost_table
 from fedexits.report.files import atomic_write_json
 
@@ -44,15 +43,6 @@ def user_images(n: int, seed: int, source: str | None):
     x, y = torch.cat(xs), torch.cat(ys)
     keep = torch.randperm(len(x), generator=g)[:n]
     return x[keep], y[keep]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,19 +81,18 @@ def main() -> None:
 
     forward()  # warm-up of every code path before timing
     personalise(fresh(), x, y, config=config)
-    times = {
-        "forward_s": median_seconds(forward, args.repeats * 3),
-        "personalise_s": median_seconds(lambda: personalise(fresh(), x, y, config=config), args.repeats),
-        "personalise_uncached_s": median_seconds(
-            lambda: personalise(fresh(), x, y, config=config, cache=False), args.repeats
-        ),
-        "personalise_with_guard_s": median_seconds(
-            lambda: personalise(fresh(), x, y, config=config, guard=True), args.repeats
-        ),
-        "full_finetune_s": median_seconds(
-            lambda: finetune_full(fresh(), x, y, config=config), max(3, args.repeats // 2)
-        ),
+    # Timed round-robin, so a transient disturbance spreads over every ratio's both sides.
+    measured = {
+        "forward_s": forward,
+        "personalise_s": lambda: personalise(fresh(), x, y, config=config),
+        "personalise_uncached_s": lambda: personalise(fresh(), x, y, config=config, cache=False),
+        "personalise_with_guard_s": lambda: personalise(fresh(), x, y, config=config, guard=True),
+        "full_finetune_s": lambda: finetune_full(fresh(), x, y, config=config),
     }
+    milliseconds = interleaved_medians_ms(
+        list(measured.values()), repeats=args.repeats, warmup=0, max_seconds=float("inf")
+    )
+    times = {name: ms / 1000 for name, ms in zip(measured, milliseconds)}
     _, peak_mb = peak_memory_mb(lambda: personalise(fresh(), x, y, config=config))
 
     table = cost_table(model)

@@ -7,7 +7,7 @@ import torch
 
 from fedexits.engine import ExitCosts, PersonalisationConfig
 from fedexits.engine.protocol import UserProtocol
-from fedexits.fl.worker import Worker
+from fedexits.fl.worker import Worker, personalisation_from_config
 from fedexits.models import cost_table
 
 from .conftest import make_tiny_model, make_user
@@ -55,3 +55,19 @@ def test_each_user_starts_from_the_shared_model(method):
     assert first["accuracy_after"] != first["accuracy_before"]  # the first user did change the model
     assert after_first["accuracy_before"] == alone["accuracy_before"]
     assert after_first["accuracy_after"] == alone["accuracy_after"]
+
+
+def settings(**personalisation):
+    return {"personalisation": {"alpha": 0.0, "beta": 0.0, **personalisation}, "simulation": {}}
+
+
+@pytest.mark.parametrize("label_fraction", [1.0, 0.0])
+def test_a_loss_that_is_zero_for_every_user_is_refused_before_the_run(label_fraction):
+    gamma = 1.0 if label_fraction == 1.0 else 0.0  # gamma weighs only unlabelled samples
+    with pytest.raises(ValueError, match=f"zero for every sample at label_fraction={label_fraction}"):
+        personalisation_from_config(settings(gamma=gamma, label_fraction=label_fraction))
+
+
+def test_pseudo_labels_alone_are_a_valid_objective():
+    personalisation, _ = personalisation_from_config(settings(gamma=1.0, label_fraction=0.5))
+    assert personalisation.alpha == 0.0 and personalisation.gamma == 1.0

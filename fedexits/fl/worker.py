@@ -133,7 +133,17 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
     if not 0.0 <= float(label_fraction) <= 1.0:
         raise ValueError(f"personalisation label_fraction must be in [0, 1], got {label_fraction}")
     preset = p.pop("preset", "default")
-    return PersonalisationConfig.preset(preset, **p), protocol
+    personalisation = PersonalisationConfig.preset(preset, **p)
+    if protocol.method == "exits":  # a loss that is zero for every user fails the run, not each user
+        fraction, w = float(label_fraction), personalisation
+        try:
+            w.loss_weights().check_active(int(fraction > 0), int(fraction < 1))
+        except ValueError:
+            raise ValueError(
+                f"personalisation loss is zero for every sample at label_fraction={fraction}: alpha="
+                f"{w.alpha} weighs labelled samples, gamma={w.gamma} unlabelled ones, beta={w.beta} all"
+            ) from None
+    return personalisation, protocol
 
 
 @functools.lru_cache(maxsize=2)
