@@ -336,3 +336,19 @@ def test_collect_module_exit_code_and_no_flower_import(tmp_path):
     )
     imported = subprocess.run([PYTHON, "-c", check], check=False, capture_output=True, text=True, timeout=60)
     assert imported.returncode == 0 and imported.stdout.strip() == "[]"
+
+
+def test_sweep_legend_keeps_only_what_differs_between_jobs():
+    from fedexits.report.plots import _short_job_labels
+
+    labels = [
+        "0: +experiment=smoke, personalisation.alpha=0, personalisation.beta=1",
+        "1: +experiment=smoke, personalisation.alpha=1, personalisation.beta=1",
+        "2: +experiment=smoke, personalisation.alpha=1, federated.alpha=2",
+    ]
+    assert _short_job_labels(labels) == {
+        labels[0]: "0: personalisation.alpha=0, beta=1",
+        labels[1]: "1: personalisation.alpha=1, beta=1",
+        labels[2]: "2: personalisation.alpha=1, federated.alpha=2",
+    }
+    assert _short_job_labels(["0: (no overrides)"]) == {"0: (no overrides)": "0: (no overrides)"}

@@ -218,6 +218,24 @@ def _mark_final_exit(axes, per_user: pd.DataFrame | None, inits: list[str], cost
             labelled = True
 
 
+def _short_job_labels(labels: list[str]) -> dict[str, str]:
+    """'3: +experiment=smoke, personalisation.alpha=1' -> '3: alpha=1' when every job shares
+    +experiment=smoke and no other key ends in 'alpha': long labels squeeze the axes away."""
+    jobs = {label: label.split(": ", 1) for label in labels}
+    tokens = {label: rest[0].split(", ") if len(rest := parts[1:]) else [] for label, parts in jobs.items()}
+    shared = set.intersection(*(set(t) for t in tokens.values())) if len(tokens) > 1 else set()
+    keys = {t.split("=", 1)[0] for ts in tokens.values() for t in ts if t not in shared}
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+
+    def shorten(token: str) -> str:
+        key, equals, value = token.partition("=")
+        leaf = key.rsplit(".", 1)[-1]
+        return f"{leaf}={value}" if equals and leaves.count(leaf) == 1 else token
+
+    differing = {label: [shorten(t) for t in tokens[label] if t not in shared] for label in labels}
+    return {label: f"{jobs[label][0]}: " + (", ".join(differing[label]) or "-") for label in labels}
+
+
 def plot_sweep_accuracy(table: pd.DataFrame, path: Path) -> Path:
     """Sweep overview: mean personalised accuracy per exit, one line per job (labelled by its
     overrides), one panel per init. `table` has columns label, init, exit, accuracy_after_mean."""
@@ -243,13 +261,15 @@ def plot_sweep_accuracy(table: pd.DataFrame, path: Path) -> Path:
         axes.yaxis.set_major_formatter(PercentFormatter(1.0))
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel("mean personalised accuracy")
-    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
+    short = _short_job_labels(list(colours))
+    handles = [Line2D([], [], color=colours[label], marker="o", label=short[label]) for label in colours]
     figure.legend(
         handles=handles,
-        loc="outside right center",
+        loc="outside lower center",
+        ncols=1 if len(inits) == 1 else 2,
         frameon=False,
         fontsize=8,
-        title="job (overrides)",
+        title="job: overrides that differ between jobs",
     )
     figure.suptitle("Sweep: personalised accuracy per exit")
     return atomic_save_figure(figure, path)
