@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,16 +46,17 @@ class Worker:
     personalisation: PersonalisationConfig
     protocol: UserProtocol
     _latency: object = None
-    _shared_state: dict | None = None
+    _shared_state: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         # The baselines `final` and `full` train more than the exits: every user must start from
         # the shared backbone and final classifier, not from the previous user's fine-tuned copy.
-        self._shared_state = {
-            name: tensor.clone()
-            for name, tensor in self.model.state_dict().items()
-            if not name.startswith("exits.")
-        }
+        if self.protocol.method in ("final", "full"):
+            self._shared_state = {
+                name: tensor.clone()
+                for name, tensor in self.model.state_dict().items()
+                if not name.startswith("exits.")
+            }
 
     @property
     def latency(self):
@@ -70,7 +71,8 @@ class Worker:
 
     def load_exits(self, state: dict[str, torch.Tensor]) -> None:
         """The shared model with these exits (resets whatever the previous user changed)."""
-        self.model.load_state_dict(self._shared_state, strict=False)
+        if self._shared_state is not None:
+            self.model.load_state_dict(self._shared_state, strict=False)
         self.model.exits.load_state_dict(state)
 
     def personalise_user(self, user: str, exits: dict[str, torch.Tensor]) -> dict:
@@ -135,13 +137,14 @@ def personalisation_from_config(config: dict) -> tuple[PersonalisationConfig, Us
     preset = p.pop("preset", "default")
     personalisation = PersonalisationConfig.preset(preset, **p)
     if protocol.method == "exits":  # a loss that is zero for every user fails the run, not each user
-        fraction, w = float(label_fraction), personalisation
+        fraction = float(label_fraction)
         try:
-            w.loss_weights().check_active(int(fraction > 0), int(fraction < 1))
+            personalisation.loss_weights().check_active(int(fraction > 0), int(fraction < 1))
         except ValueError:
+            a, b, g = personalisation.alpha, personalisation.beta, personalisation.gamma
             raise ValueError(
-                f"personalisation loss is zero for every sample at label_fraction={fraction}: alpha="
-                f"{w.alpha} weighs labelled samples, gamma={w.gamma} unlabelled ones, beta={w.beta} all"
+                f"personalisation loss is zero for every sample at label_fraction={fraction}: "
+                f"alpha={a} weighs labelled samples, gamma={g} unlabelled ones, beta={b} all"
             ) from None
     return personalisation, protocol
 

@@ -221,8 +221,8 @@ def _mark_final_exit(axes, per_user: pd.DataFrame | None, inits: list[str], cost
 def _short_job_labels(labels: list[str]) -> dict[str, str]:
     """'3: +experiment=smoke, personalisation.alpha=1' -> '3: alpha=1' when every job shares
     +experiment=smoke and no other key ends in 'alpha': long labels squeeze the axes away."""
-    jobs = {label: label.split(": ", 1) for label in labels}
-    tokens = {label: rest[0].split(", ") if len(rest := parts[1:]) else [] for label, parts in jobs.items()}
+    job = {label: label.partition(": ")[0] for label in labels}
+    tokens = {label: label.partition(": ")[2].split(", ") for label in labels}
     shared = set.intersection(*(set(t) for t in tokens.values())) if len(tokens) > 1 else set()
     keys = {t.split("=", 1)[0] for ts in tokens.values() for t in ts if t not in shared}
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
@@ -233,7 +233,7 @@ def _short_job_labels(labels: list[str]) -> dict[str, str]:
         return f"{leaf}={value}" if equals and leaves.count(leaf) == 1 else token
 
     differing = {label: [shorten(t) for t in tokens[label] if t not in shared] for label in labels}
-    return {label: f"{jobs[label][0]}: " + (", ".join(differing[label]) or "-") for label in labels}
+    return {label: f"{job[label]}: " + (", ".join(differing[label]) or "-") for label in labels}
 
 
 def plot_sweep_accuracy(table: pd.DataFrame, path: Path) -> Path:
