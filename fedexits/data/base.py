@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-
-class DataError(ValueError):
-    """Bad data or data configuration; the message is one line naming the file/user and what was
-    expected."""
+from fedexits.errors import DataError, UserDataError  # noqa: F401 (re-exported)
 
 
 @dataclass

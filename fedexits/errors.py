@@ -1,0 +1,43 @@
+"""The errors fedexits raises on purpose, one class per kind of bad input.
+
+Everything here is the user's to fix and is reported as one line (exit code 2 on the command
+line). Any other exception is a bug: it keeps its traceback and fails the run.
+
+- `SettingsError`: a setting (command line, YAML, dataclass field) has a value that cannot work.
+- `DataError`: a data set, data file or data configuration cannot be used; stops the job.
+- `UserDataError`: one user's data cannot be used (too few images, labels outside the model's
+  classes, nothing to train on); that user fails alone and the run goes on.
+- `CheckpointError`: a model, checkpoint or exported-model file is missing, corrupt or does not fit.
+
+All derive from ValueError, so notebook code that catches ValueError keeps working.
+"""
+
+from __future__ import annotations
+
+
+class FedexitsError(ValueError):
+    """Bad input the user can fix; the message is one line naming the thing and what was expected."""
+
+
+class SettingsError(FedexitsError):
+    """A setting has a value that cannot work (checked before any work starts)."""
+
+
+class DataError(FedexitsError):
+    """A data set, data file or data configuration cannot be used."""
+
+
+class UserDataError(DataError):
+    """One user's data cannot be used; that user fails alone."""
+
+
+class CheckpointError(FedexitsError):
+    """A model or checkpoint file is missing, corrupt or made for another architecture."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type's name)."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
