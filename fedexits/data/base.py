@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -66,6 +67,15 @@ class Population(ABC):
         `label_fraction` of the personalisation samples (chosen with `seed`) are labelled.
         Raises DataError for an unknown user or one with too few images to split.
         """
+
+    def stream_pool(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """All of one user's images as a device stores them, uint8 (N, C, H, W), and labels
+        (int64): what a lifelong stream (`fedexits.data.streams`) draws its arrivals from."""
+        raise DataError(f"data source {self.name} does not provide user streams")
+
+    def model_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, C, H, W) images from `stream_pool` -> the float32 tensor the model sees."""
+        raise DataError(f"data source {self.name} does not provide user streams")
 
     def describe(self) -> dict:
         """Small JSON-able summary for reports (sizes, sources, settings)."""

@@ -80,6 +80,13 @@ class CachedPopulation(Population):
         rows = self.cache.user_slice(user)
         return np.array(self.cache.images[rows]), np.array(self.cache.labels[rows], np.int64)
 
+    def stream_pool(self, user: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self.user_images(user)
+        return images[:, None], labels
+
+    def model_input(self, images: np.ndarray) -> torch.Tensor:
+        return to_model_input(images[:, 0])
+
     def _check_user(self, user: str) -> None:
         if user not in self.cache.users:
             raise DataError(f"unknown user {user!r}: {self.name} has {len(self.cache.users)} users")

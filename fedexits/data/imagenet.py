@@ -192,6 +192,11 @@ class ImageFolderPopulation(Population):
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
+        # What a device stores for a stream: the same geometry, kept in uint8 (see model_input).
+        self.uint8_transform = transforms.Compose(
+            [transforms.Resize(resize), transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()]
+        )
+        self.normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         if cfg.images_per_user < cfg.min_images:
             raise DataError(f"images_per_user={cfg.images_per_user} is below min_images={cfg.min_images}")
         if "all" in self.index.roots:
@@ -269,28 +274,43 @@ class ImageFolderPopulation(Population):
     def global_train_set(self) -> ListImageFolder:
         return self._dataset(*self._pool("global"))
 
-    def _load(self, dataset: ListImageFolder, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(
+        self, dataset: ListImageFolder, indices: np.ndarray, transform=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets) of dataset rows `indices`, through `transform` (default: model-ready)."""
         images = []
         for i in indices:
             path, _ = dataset.samples[i]
             try:
-                images.append(self.transform(default_loader(path)))
+                images.append((transform or self.transform)(default_loader(path)))
             except (OSError, ValueError) as error:
                 raise DataError(f"unreadable image {path}: {error}") from None
         targets = torch.tensor([dataset.targets[i] for i in indices], dtype=torch.int64)
         empty = torch.empty(0, *self.input_shape)
         return (torch.stack(images) if images else empty), targets
 
-    def load_user(self, user_id: str, label_fraction: float = 1.0, seed: int = 0) -> UserData:
+    def _rows(self, user_id: str) -> tuple[str, np.ndarray]:
         if user_id in self._user_rows:
-            split, rows = self._user_rows[user_id]
-        elif user_id in self.global_users:
-            split, rows = self._global_shard(user_id)
-        else:
-            raise DataError(
-                f"unknown user {user_id!r}: imagenet_folder has users user_000.."
-                f"user_{len(self.held_out_users) - 1:03d} and global_000.."
-            )
+            return self._user_rows[user_id]
+        if user_id in self.global_users:
+            return self._global_shard(user_id)
+        raise DataError(
+            f"unknown user {user_id!r}: imagenet_folder has users user_000.."
+            f"user_{len(self.held_out_users) - 1:03d} and global_000.."
+        )
+
+    def stream_pool(self, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The user's images resized and cropped, uint8 (N, 3, S, S): 1/4 of float32's memory."""
+        split, rows = self._rows(user_id)
+        images, labels = self._load(self._dataset(split, rows), np.arange(len(rows)), self.uint8_transform)
+        return images.numpy(), labels.numpy()
+
+    def model_input(self, images: np.ndarray) -> torch.Tensor:
+        """Exactly what `transform` gives: ToTensor's /255, then the ImageNet normalisation."""
+        return self.normalise(torch.from_numpy(images).float().div(255))
+
+    def load_user(self, user_id: str, label_fraction: float = 1.0, seed: int = 0) -> UserData:
+        split, rows = self._rows(user_id)
         train_rows, test_rows, notes = split_user(user_id, len(rows), self.cfg)
         labelled = labelled_mask(user_id, len(train_rows), label_fraction, seed)
         dataset = self._dataset(split, rows)

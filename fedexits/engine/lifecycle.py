@@ -1,0 +1,374 @@
+"""One user's day under a lifelong policy: serve the day's inputs, explore, buffer, and overnight
+personalise / recalibrate as the policy says. No Flower: `run_day` is the per-user, per-day step a
+Flower client (one round = one day) or a notebook loop (`run_lifecycle`) calls.
+
+Policies (`POLICIES`), all on the same streams:
+- `never`: the shared exits forever; the threshold is calibrated once, on the first `once_days`.
+- `once`: today's one-shot protocol: personalise and calibrate once, on the first `once_days`.
+- `nightly`: personalise (from the current exits) and recalibrate every night on the buffer.
+- `orchestrator`: the paper's Orchestrator (`fedexits.engine.orchestrator`): explore, flag drift,
+  personalise only when its rules say so. Before its first personalisation it calibrates the
+  shared exits on the first `once_days`, like `never`.
+- `orchestrator+fedavg`: the same, but every personalisation starts from the exits the server
+  averaged over last night's personalised users (`start_exits`, when there is an average).
+
+Until a user is calibrated every input goes to the final exit (no head runs): the fail-safe.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..data.split import rng_for, stable_seed
+from ..data.streams import DayInputs, DriftConfig, StreamConfig, check_drift_within
+from ..errors import SettingsError
+from ..models import cost_table
+from .calibration import ExitCosts, calibrate, exits_taken
+from .features import FrozenFeatures
+from .inference import exit_probabilities
+from .losses import exit_loss
+from .orchestrator import OrchestratorConfig, UserState, exploration_losses
+from .personalise import PersonalisationConfig, personalise, split_validation
+
+POLICIES = ("never", "once", "nightly", "orchestrator", "orchestrator+fedavg")
+EXPLORING = ("orchestrator", "orchestrator+fedavg")
+TIMING_COLUMNS = ("personalise_s",)  # differ between runs with the same seed
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """policies: which policies run (names from POLICIES); seed: streams, drift, exploration and
+    personalisation seeds; buffer_size: inputs the device keeps for personalisation and
+    calibration (the most recent); once_days: the days `once` (and the first calibration of
+    `never` and the orchestrators) use."""
+
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    seed: int = 0
+    buffer_size: int = 256
+    once_days: int = 3
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+
+    def __post_init__(self):
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            got = unknown[0] if unknown else "an empty list"
+            raise SettingsError(f"lifecycle.policies must be some of {', '.join(POLICIES)}, got {got!r}")
+        if self.buffer_size < 2:
+            raise SettingsError(f"lifecycle.buffer_size must be an integer >= 2, got {self.buffer_size!r}")
+        if not 1 <= self.once_days <= self.stream.days:
+            raise SettingsError(
+                f"lifecycle.once_days must be in [1, stream.days={self.stream.days}], got {self.once_days!r}"
+            )
+        check_drift_within(self.stream, self.drift)
+
+
+def check_buffer(config: LifecycleConfig, personalisation: PersonalisationConfig) -> None:
+    if config.buffer_size < personalisation.batch_size:
+        raise SettingsError(
+            f"lifecycle.buffer_size must be >= one personalisation batch "
+            f"({personalisation.batch_size}), got {config.buffer_size}"
+        )
+
+
+@dataclass
+class DayRecord:
+    """One row of timeline.csv: one user, one day, one policy."""
+
+    user: str
+    day: int
+    policy: str
+    accuracy: float  # on the day's measured inputs, as served (before tonight's training)
+    final_accuracy: float  # the fail-safe's accuracy on the same inputs
+    mflops: float  # mean per input, exploration included
+    latency_ms: float  # mean per input until the answer (batch-1 profile; nan without one)
+    threshold: float  # active threshold at the end of the day (thr' if a drift was flagged)
+    drift_active: bool  # the stream has drifted (ground truth)
+    drift_flagged: bool  # the orchestrator's drift flag at the end of the day
+    personalised: bool  # the exits were personalised tonight
+    train_mflops: float  # compute spent tonight on personalisation and calibration
+    calibrated_threshold: float = float("nan")
+    trigger: str = ""  # what happened tonight: once, nightly, data, drift, calibrate, or ""
+    inputs: int = 0
+    measured: int = 0
+    explored: int = 0
+    early_exit_share: float = float("nan")
+    explore_loss: float = float("nan")  # today's mean exploration loss over active exits
+    reference_loss: float = float("nan")  # its calibration-time reference
+    buffered: int = 0
+    new_samples: int = 0
+    train_samples: int = 0
+    personalise_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DayOutcome:
+    state: UserState
+    record: DayRecord
+    exits: dict[str, torch.Tensor] | None = None  # tonight's personalised exits (for FedAvg)
+    num_samples: int = 0  # samples they were trained on (the FedAvg weight)
+
+
+class Lifecycle:
+    """What every simulated device shares: the frozen model (exits are swapped per user), its
+    costs, the settings, and how stored uint8 images become model inputs (`decode`, e.g.
+    `population.model_input`). `drop_tolerance_pp`, `calibration_margin_z` and `prune_exits`
+    are the calibration settings of the one-shot protocol."""
+
+    def __init__(
+        self,
+        model,
+        config: LifecycleConfig,
+        personalisation: PersonalisationConfig,
+        decode: Callable[[np.ndarray], torch.Tensor],
+        drop_tolerance_pp: float,
+        calibration_margin_z: float,
+        prune_exits: bool = True,
+        latency: ExitCosts | None = None,
+    ):
+        check_buffer(config, personalisation)
+        self.model = model.eval()
+        self.config, self.personalisation, self.decode = config, personalisation, decode
+        self.drop_tolerance_pp, self.calibration_margin_z = drop_tolerance_pp, calibration_margin_z
+        self.prune_exits, self.latency = prune_exits, latency
+        self.shared_exits = copy.deepcopy(model.exits.state_dict())
+        self.cost_table = cost_table(model)
+        self.flops = ExitCosts.flops(self.cost_table)
+        self.heads_mflops = float(sum(self.flops.heads[:-1]))
+        self.step_mflops = training_step_mflops(model, personalisation)
+
+    def new_state(self) -> UserState:
+        return UserState(self.model.num_exits, self.model.input_shape, self.config.orchestrator.window_days)
+
+    def load(self, exits: dict[str, torch.Tensor] | None) -> None:
+        self.model.exits.load_state_dict(self.shared_exits if exits is None else exits)
+
+    def personalisation_mflops(self, n_train: int, n_val: int) -> float:
+        """Tonight's personalisation compute, derived from the cost table and the flop counter's
+        count of one training step: the frozen network once over the samples (feature cache; every
+        epoch without it), `epochs` training steps per training sample, the guard's two head
+        passes over the validation split and the calibration's full pass over it."""
+        p, full = self.personalisation, self.flops.full
+        cached = p.cache and not p.augment
+        backbone = (n_train + n_val) * full if cached else (p.epochs * n_train + n_val) * full
+        guard = 2 * n_val * self.heads_mflops
+        return backbone + p.epochs * n_train * self.step_mflops + guard + n_val * (full + self.heads_mflops)
+
+
+def training_step_mflops(model, config: PersonalisationConfig) -> float:
+    """MFLOPs per sample of one personalisation step (heads forward and backward), counted by
+    torch's flop counter on one batch of cached features, on a copy of the heads."""
+    batch = max(2, config.batch_size)
+    with torch.no_grad():
+        features, final_logits = model.backbone_features(torch.zeros(batch, *model.input_shape))
+    heads = copy.deepcopy(model.exits).train()
+    labels = torch.zeros(batch, dtype=torch.long)
+    labelled = torch.ones(batch, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        logits = [head(f) for head, f in zip(heads, features)]
+        sum(exit_loss(z, final_logits, labels, labelled, config.loss_weights()) for z in logits).backward()
+    return counter.get_total_flops() / batch / 1e6
+
+
+def day_features(lifecycle: Lifecycle, inputs: DayInputs) -> FrozenFeatures:
+    """One backbone pass over a day's inputs; every policy then runs only its own heads."""
+    return FrozenFeatures(lifecycle.model, inputs.x)
+
+
+def _seed(config: LifecycleConfig, purpose: str, user: str, day: int) -> int:
+    return stable_seed(config.seed, purpose, user, day) % 2**31
+
+
+def run_day(
+    policy: str,
+    state: UserState,
+    lifecycle: Lifecycle,
+    inputs: DayInputs,
+    start_exits: dict[str, torch.Tensor] | None = None,
+    features: FrozenFeatures | None = None,
+) -> DayOutcome:
+    """Live one day of one user under `policy`; updates `state` in place and returns it with the
+    day's record. `start_exits` (orchestrator+fedavg only): the server's average exits, where
+    tonight's personalisation starts if it happens. `features`: the frozen network's features of
+    `inputs.x` (`day_features`), to share one backbone pass among the policies of a user-day."""
+    if policy not in POLICIES:
+        raise SettingsError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if start_exits is not None and policy != "orchestrator+fedavg":
+        raise ValueError(f"start_exits is for orchestrator+fedavg only, got policy {policy!r}")
+    if inputs.day != state.day:
+        raise ValueError(
+            f"user {inputs.user}: the state is at day {state.day}, the inputs are of day {inputs.day}"
+        )
+    config, orchestrator = lifecycle.config, lifecycle.config.orchestrator
+    lifecycle.load(state.exits)
+    probs = (features or day_features(lifecycle, inputs)).exit_probabilities()
+    n, active = len(inputs), list(state.active_exits)
+    explores = policy in EXPLORING
+    explored = np.zeros(n, bool)
+    taken = torch.empty(n, dtype=torch.long)
+    losses = exploration_losses(probs) if explores else None
+    if explores:
+        state.start_day()
+        explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < orchestrator.p_expl
+    step = orchestrator.check_every if explores else n
+    for start in range(0, n, step):
+        at = slice(start, min(n, start + step))
+        taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
+        if explores:
+            state.explore(losses[at][explored[at]])
+            if not state.drift_flagged and state.drift_rule(orchestrator):
+                state.flag_drift(orchestrator)
+
+    predictions = probs.argmax(-1)
+    served = predictions.gather(0, taken[None])[0]
+    mflops = lifecycle.flops.per_exit(active)[taken]
+    mflops[torch.from_numpy(explored)] = lifecycle.flops.per_exit(active)[-1]
+    measured = inputs.measured
+    on = np.asarray(active, bool)
+    record = DayRecord(
+        user=inputs.user,
+        day=inputs.day,
+        policy=policy,
+        accuracy=_mean(served[measured] == inputs.labels[measured]),
+        final_accuracy=_mean(predictions[-1][measured] == inputs.labels[measured]),
+        mflops=float(mflops.mean()),
+        latency_ms=float(lifecycle.latency.per_exit(active)[taken].mean())
+        if lifecycle.latency
+        else float("nan"),
+        threshold=state.threshold,
+        drift_active=inputs.drift_active,
+        drift_flagged=state.drift_flagged,
+        personalised=False,
+        train_mflops=0.0,
+        inputs=n,
+        measured=int(measured.sum()),
+        explored=int(explored.sum()),
+        early_exit_share=_mean(taken < lifecycle.model.num_exits),
+    )
+    if explores and explored.any() and on.any():
+        record.explore_loss = float(losses[explored][:, on].mean())
+    if state.calibrated and on.any():
+        record.reference_loss = float(state.reference_mean[on].mean())
+
+    if _buffers(policy, state):
+        keep = inputs.trainable.numpy()
+        state.admit(
+            inputs.images[keep],
+            inputs.labels.numpy()[keep],
+            inputs.labelled.numpy()[keep],
+            inputs.day,
+            config.buffer_size,
+        )
+    outcome = DayOutcome(state, record)
+    _night(policy, state, lifecycle, inputs.user, start_exits, outcome)
+    record.calibrated_threshold = state.calibrated_threshold
+    record.buffered, record.new_samples = state.buffered, state.new_samples
+    state.day += 1
+    return outcome
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if len(values) else float("nan")
+
+
+def _buffers(policy: str, state: UserState) -> bool:
+    if policy == "never":
+        return not state.calibrated
+    if policy == "once":
+        return state.personalisations == 0
+    return True
+
+
+def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, outcome: DayOutcome) -> None:
+    """Tonight's personalisation or calibration, as the policy's rules say."""
+    config, rules = lifecycle.config, lifecycle.config.orchestrator
+    batch = lifecycle.personalisation.batch_size
+    rows = state.training_rows()
+    first_days_done = state.day >= config.once_days - 1
+    current = state.exits
+    trigger, start = "", None
+    if policy == "never":
+        trigger = "calibrate" if not state.calibrated and first_days_done and len(rows) >= batch else ""
+    elif policy == "once":
+        if state.personalisations == 0 and first_days_done and len(rows) >= batch:
+            trigger, start = "once", None
+    elif policy == "nightly":
+        if len(rows) >= batch:
+            trigger, start = "nightly", current
+    else:
+        deviated = state.threshold - state.calibrated_threshold >= rules.threshold_deviation - 1e-12
+        if len(rows) >= batch and state.drift_flagged and deviated:
+            trigger, start = "drift", (None if rules.restart_on_drift else current)
+        elif len(rows) >= batch and state.new_samples >= rules.min_new_samples:
+            trigger, start = "data", current
+        elif not state.calibrated and first_days_done and len(rows) >= batch:
+            trigger = "calibrate"
+        if trigger in ("drift", "data") and start_exits is not None:
+            start = start_exits
+    outcome.record.trigger = trigger
+    if trigger == "calibrate":
+        lifecycle.load(state.exits)
+        x, y, labelled = _buffered(state, lifecycle, rows)
+        _calibrate(state, lifecycle, x, y, labelled)
+        outcome.record.train_mflops = len(rows) * (lifecycle.flops.full + lifecycle.heads_mflops)
+        outcome.record.train_samples = len(rows)
+    elif trigger:
+        _personalise(
+            state, lifecycle, rows, start, _seed(config, "lifecycle-personalise", user, state.day), outcome
+        )
+    if trigger and policy in ("never", "once"):
+        state.clear_buffer()
+
+
+def _buffered(state: UserState, lifecycle: Lifecycle, rows: np.ndarray):
+    x = lifecycle.decode(state.buffer_images[rows])
+    y = torch.from_numpy(state.buffer_labels[rows]).clamp_min(0)  # unknown labels are masked out
+    return x, y, torch.from_numpy(state.buffer_labelled[rows])
+
+
+def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
+    """Recalibrate the threshold on (x, y) with the model's current exits and re-profile: the
+    calibration's accuracy and cost, and the reference losses of the exploration rule."""
+    probs = exit_probabilities(lifecycle.model, x)
+    targets = torch.where(labelled, y, probs[-1].argmax(-1))
+    calibration = calibrate(
+        probs,
+        targets,
+        lifecycle.cost_table,
+        lifecycle.latency,
+        lifecycle.drop_tolerance_pp,
+        prune=lifecycle.prune_exits,
+        margin_z=lifecycle.calibration_margin_z,
+    )
+    state.recalibrated(calibration.threshold, calibration.active_exits, exploration_losses(probs))
+    state.calibration_accuracy = calibration.accuracy
+    state.calibration_mflops = calibration.expected_mflops
+
+
+def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome) -> None:
+    config = replace(lifecycle.personalisation, seed=seed)
+    x, y, labelled = _buffered(state, lifecycle, rows)
+    lifecycle.load(start)
+    result = personalise(lifecycle.model, x, y, labelled, config)
+    calib = split_validation(len(x), config.val_fraction, seed)[1] if config.guard else torch.arange(len(x))
+    _calibrate(state, lifecycle, x[calib], y[calib], labelled[calib])
+    state.exits = {name: t.clone() for name, t in lifecycle.model.exits.state_dict().items()}
+    state.personalisations += 1
+    state.last_personalised_day = state.day
+    state.new_samples = 0
+    record = outcome.record
+    record.personalised = True
+    record.train_samples = result.n_train
+    record.train_mflops = lifecycle.personalisation_mflops(result.n_train, len(calib) if config.guard else 0)
+    record.personalise_s = result.seconds
+    outcome.exits, outcome.num_samples = state.exits, result.n_train

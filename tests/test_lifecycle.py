@@ -1,0 +1,239 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedexits.data.streams import DriftConfig, StreamConfig, user_stream
+from fedexits.engine.lifecycle import (
+    POLICIES,
+    TIMING_COLUMNS,
+    Lifecycle,
+    LifecycleConfig,
+    check_buffer,
+    run_day,
+)
+from fedexits.engine.lifecycle_run import accuracy_vs_samples, average_exits, run_lifecycle
+from fedexits.engine.orchestrator import OrchestratorConfig, UserState
+from fedexits.engine.personalise import PersonalisationConfig
+from fedexits.errors import SettingsError
+
+from .lifecycle_helpers import SquaresPopulation, make_micro_model, square_dataset
+
+
+@pytest.fixture(scope="module")
+def population():
+    # 240 images per user: 6 days x 30 inputs never recycle one; u1 is a very different "writer"
+    return SquaresPopulation(num_users=3, images=240, noisy=("u1",))
+
+
+def lifecycle(model, scenario="writer", policies=("orchestrator",), seed=0, batch_size=16, **orchestrator):
+    config = LifecycleConfig(
+        policies=list(policies),
+        seed=seed,
+        buffer_size=64,
+        once_days=1,
+        stream=StreamConfig(days=6, inputs_per_day=30),
+        drift=DriftConfig(scenario=scenario, share=1.0, first_day=3, last_day=3),
+        orchestrator=OrchestratorConfig(**{"p_expl": 1.0, "min_new_samples": 40} | orchestrator),
+    )
+    personalisation = PersonalisationConfig(epochs=5, batch_size=batch_size)
+    return Lifecycle(model, config, personalisation, decode, drop_tolerance_pp=1.0, calibration_margin_z=1.0)
+
+
+def decode(images):
+    return torch.from_numpy(images / np.float32(255))
+
+
+def live(population, lc, user="u0", policy="orchestrator", days=None):
+    stream = user_stream(population, user, lc.config.stream, lc.config.drift, lc.config.seed)
+    state, records = lc.new_state(), []
+    for day in range(days or lc.config.stream.days):
+        records.append(run_day(policy, state, lc, stream.day(day)).record)
+    return state, pd.DataFrame([r.to_dict() for r in records])
+
+
+def test_exploration_statistic_rises_under_drift_and_not_without(population):
+    model = make_micro_model()
+    _, drifted = live(population, lifecycle(model, "writer"))  # u0's phone goes to u1 on day 3
+    _, steady = live(population, lifecycle(model, "none"))
+    before = drifted.loc[2]  # personalised on night 1 or 2, calibrated: the reference is set
+    assert before.explore_loss < 1.5 * before.reference_loss
+    drift_day = drifted.loc[3]
+    assert drift_day.explore_loss > 2.0 * drift_day.reference_loss
+    assert drift_day.explore_loss > 2.0 * before.explore_loss
+    calibrated = steady[steady.reference_loss.notna()]
+    assert len(calibrated) >= 3
+    assert (calibrated.explore_loss < 1.5 * calibrated.reference_loss + 0.1).all()
+    assert not steady.drift_flagged.any()
+
+
+def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
+    lc = lifecycle(make_micro_model(), "writer", raised_threshold=0.97)
+    _, timeline = live(population, lc)
+    flagged = timeline[timeline.drift_flagged]
+    assert not timeline.loc[:2].drift_flagged.any()
+    assert flagged.day.min() == 3  # caught on the day the phone changed hands
+    first = flagged.iloc[0]
+    assert first.threshold == 0.97 and first.calibrated_threshold < 0.97
+    assert first.trigger == "drift" and first.personalised  # scheduled personalisation, that night
+
+
+def test_drift_rule_and_threshold_on_synthetic_losses():
+    config = OrchestratorConfig(min_explored=5, loss_increase=0.5, loss_z=2.0, raised_threshold=0.9)
+    state = UserState(num_exits=2, image_shape=(1, 4, 4), window_days=2)
+    rng = np.random.default_rng(0)
+    reference = np.abs(rng.normal(0.5, 0.2, (40, 2)))
+    state.recalibrated(0.4, [True, False], reference)
+    state.explore(np.abs(rng.normal(0.5, 0.2, (20, 2))))
+    assert not state.drift_rule(config)
+    state.explore(np.column_stack([np.full(20, 3.0), np.zeros(20)]))  # exit 0's loss jumps
+    assert state.drift_rule(config)
+    state.flag_drift(config)
+    assert state.threshold == 0.9 and state.calibrated_threshold == 0.4
+    off = UserState(num_exits=2, image_shape=(1, 4, 4), window_days=2)
+    off.recalibrated(0.4, [False, True], reference)  # exit 0 is not selected: not tracked
+    off.explore(np.column_stack([np.full(40, 3.0), np.abs(rng.normal(0.5, 0.2, 40))]))
+    assert not off.drift_rule(config)
+
+
+def test_personalisation_skipped_when_the_data_rule_says_so(population):
+    model = make_micro_model()
+    _, patient = live(population, lifecycle(model, "none", min_new_samples=10_000))
+    assert not patient.personalised.any()
+    assert (patient.trigger == "calibrate").sum() == 1  # the shared exits, calibrated once
+    _, eager = live(population, lifecycle(model, "none", min_new_samples=40))
+    nights = eager[eager.personalised]
+    assert len(nights) >= 2 and (nights.trigger == "data").all()
+    assert (eager.train_mflops[eager.personalised] > 0).all()
+
+
+def test_a_buffer_smaller_than_a_batch_never_personalises(population):
+    lc = lifecycle(make_micro_model(), "none", policies=("nightly",), batch_size=32)
+    _, timeline = live(population, lc, policy="nightly", days=4)
+    # about 15 trainable inputs arrive a day: the first nights have fewer than a batch of 32
+    assert timeline.personalised.tolist() == (timeline.buffered >= 32).tolist()
+    assert timeline.personalised.iloc[-1] and not timeline.personalised.iloc[0]
+
+
+def test_policies_see_identical_streams_and_the_fail_safe_never_changes(population):
+    model = make_micro_model()
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("exits.")}
+    x, _ = square_dataset(64, seed=5)
+    final_before = model(x)[-1]
+    lc = lifecycle(model, "writer", policies=POLICIES, min_new_samples=20)
+    result = run_lifecycle(population, ["u0", "u2"], lc)
+    timeline = result.timeline
+    assert result.failures.empty and set(timeline.policy) == set(POLICIES)
+    assert timeline.personalised.sum() >= 10
+    per_input = timeline.pivot_table(index=["user", "day"], columns="policy", values="final_accuracy")
+    assert (per_input.nunique(axis=1) == 1).all()  # same inputs, same fail-safe answers
+    for column in ("inputs", "measured", "drift_active"):
+        assert (timeline.groupby(["user", "day"])[column].nunique() == 1).all()
+    after = model.state_dict()
+    assert all(torch.equal(tensor, after[name]) for name, tensor in backbone.items())
+    lc.load(None)
+    assert torch.equal(final_before, model(x)[-1])  # bit-identical
+
+
+def test_state_round_trips_through_arrays_exactly(population):
+    lc = lifecycle(make_micro_model(), "none")
+    stream = user_stream(population, "u0", lc.config.stream, lc.config.drift, lc.config.seed)
+    state = lc.new_state()
+    for day in range(4):
+        run_day("orchestrator", state, lc, stream.day(day))
+    assert state.exits is not None and state.buffered > 0 and state.window_count.sum() > 0
+    arrays, scalars = state.to_arrays()
+    restored = UserState.from_arrays(arrays, scalars)
+    again, scalars_again = restored.to_arrays()
+    assert scalars_again == scalars and arrays.keys() == again.keys()
+    for name, array in arrays.items():
+        assert array.dtype == again[name].dtype and np.array_equal(array, again[name], equal_nan=True), name
+    assert state.buffer_images.dtype == np.uint8
+    # the next day is the same from the original and from the restored state
+    a, b = (run_day("orchestrator", s, lc, stream.day(4)).record.to_dict() for s in (state, restored))
+    a, b = (pd.DataFrame([r]).drop(columns=list(TIMING_COLUMNS)) for r in (a, b))
+    pd.testing.assert_frame_equal(a, b)
+    assert np.array_equal(state.buffer_images, restored.buffer_images)
+
+
+def test_state_fits_flower_records(population):
+    flwr = pytest.importorskip("flwr.common")
+    lc = lifecycle(make_micro_model(), "none")
+    state, _ = live(population, lc, days=3)
+    arrays, scalars = state.to_arrays()
+    array_record = flwr.ArrayRecord({k: flwr.Array(v) for k, v in arrays.items()})
+    config_record = flwr.ConfigRecord(scalars)
+    restored = UserState.from_arrays({k: v.numpy() for k, v in array_record.items()}, dict(config_record))
+    assert restored.to_arrays()[1] == scalars
+    assert all(np.array_equal(v, restored.to_arrays()[0][k]) for k, v in arrays.items())
+
+
+def test_same_seed_same_timeline(population):
+    runs = [
+        run_lifecycle(population, ["u0"], lifecycle(make_micro_model(), "labels", POLICIES, seed))
+        for seed in (0, 0, 1)
+    ]
+    a, b, c = (run.timeline.drop(columns=list(TIMING_COLUMNS)) for run in runs)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(c)
+
+
+def test_average_exits_weights_by_samples():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(5)}
+    average = average_exits([(a, 1), (b, 3)])
+    assert torch.equal(average["w"], torch.tensor([3.0, 5.0])) and average["n"].item() == 3
+
+
+def test_fedavg_users_start_from_the_servers_exits(population):
+    model = make_micro_model()
+    lc = lifecycle(model, "none", policies=("orchestrator+fedavg",))
+    stream = user_stream(population, "u0", lc.config.stream, lc.config.drift, lc.config.seed)
+    state = lc.new_state()
+    server = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in lc.shared_exits.items()}
+    outcomes = [run_day("orchestrator+fedavg", state, lc, stream.day(d), server) for d in range(3)]
+    personalised = [o for o in outcomes if o.record.personalised]
+    assert personalised and personalised[0].num_samples > 0
+    # zero weights learn nothing useful: the guard keeps some exits at the server's zeros
+    exits = personalised[0].exits
+    assert any(torch.count_nonzero(exits[k]) == 0 for k in exits if k.endswith("linear.weight"))
+    with pytest.raises(ValueError, match="orchestrator\\+fedavg only"):
+        run_day("nightly", lc.new_state(), lc, stream.day(0), start_exits=server)
+
+
+def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
+    model = make_micro_model()
+    shared = {k: v.clone() for k, v in model.exits.state_dict().items()}
+    x, y = square_dataset(80, seed=3)
+    x_test, y_test = square_dataset(60, seed=4)
+    labelled = torch.ones(80, dtype=torch.bool)
+    curve = accuracy_vs_samples(model, (x, y, labelled), (x_test, y_test), [0, 16, 64, 500])
+    assert sorted(curve.n_samples.unique()) == [0, 16, 64]  # 500 > 80 samples: skipped
+    final = curve[curve.exit == model.num_exits]
+    assert final.accuracy.nunique() == 1
+    assert all(torch.equal(v, model.exits.state_dict()[k]) for k, v in shared.items())
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: OrchestratorConfig(p_expl=1.5), "orchestrator.p_expl"),
+        (lambda: OrchestratorConfig(p_expl=-0.1), "orchestrator.p_expl"),
+        (lambda: StreamConfig(days=0), "stream.days"),
+        (lambda: StreamConfig(inputs_per_day=0), "stream.inputs_per_day"),
+        (lambda: LifecycleConfig(drift=DriftConfig(last_day=14)), "drift.last_day"),
+        (lambda: LifecycleConfig(policies=["sometimes"]), "lifecycle.policies"),
+        (lambda: LifecycleConfig(once_days=20, stream=StreamConfig(days=14)), "lifecycle.once_days"),
+        (lambda: DriftConfig(scenario="earthquake"), "drift.scenario"),
+        (
+            lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),
+            "lifecycle.buffer_size",
+        ),
+        (lambda: run_day("sometimes", None, None, None), "policy"),
+    ],
+)
+def test_bad_settings_give_one_line(make, name):
+    with pytest.raises(SettingsError) as error:
+        make()
+    message = str(error.value)
+    assert message.startswith(name) and "\n" not in message
