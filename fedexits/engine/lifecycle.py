@@ -151,7 +151,17 @@ class Lifecycle:
         return UserState(self.model.num_exits, self.model.input_shape, self.config.orchestrator.window_days)
 
     def load(self, exits: dict[str, torch.Tensor] | None) -> None:
-        self.model.exits.load_state_dict(self.shared_exits if exits is None else exits)
+        """The shared exits, overlaid with `exits` (a user keeps only the exits it changed)."""
+        self.model.exits.load_state_dict(self.shared_exits)
+        if exits:
+            self.model.exits.load_state_dict(exits, strict=False)
+
+    def changed_exits(self) -> dict[str, torch.Tensor]:
+        """The model's exits that differ from the shared ones (whole heads), copied: what a user's
+        state keeps. A head the guard kept at the shared weights costs nothing to store."""
+        current = self.model.exits.state_dict()
+        changed = {_head(n) for n, t in current.items() if not torch.equal(t, self.shared_exits[n])}
+        return {n: t.clone() for n, t in current.items() if _head(n) in changed}
 
     def personalisation_mflops(self, n_train: int, n_val: int) -> float:
         """Tonight's personalisation compute, derived from the cost table and the flop counter's
@@ -163,6 +173,10 @@ class Lifecycle:
         backbone = (n_train + n_val) * full if cached else (p.epochs * n_train + n_val) * full
         guard = 2 * n_val * self.heads_mflops
         return backbone + p.epochs * n_train * self.step_mflops + guard + n_val * (full + self.heads_mflops)
+
+
+def _head(name: str) -> str:
+    return name.split(".", 1)[0]
 
 
 def training_step_mflops(model, config: PersonalisationConfig) -> float:
@@ -362,7 +376,7 @@ def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int,
     result = personalise(lifecycle.model, x, y, labelled, config)
     calib = split_validation(len(x), config.val_fraction, seed)[1] if config.guard else torch.arange(len(x))
     _calibrate(state, lifecycle, x[calib], y[calib], labelled[calib])
-    state.exits = {name: t.clone() for name, t in lifecycle.model.exits.state_dict().items()}
+    state.exits = lifecycle.changed_exits()
     state.personalisations += 1
     state.last_personalised_day = state.day
     state.new_samples = 0
@@ -371,4 +385,5 @@ def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int,
     record.train_samples = result.n_train
     record.train_mflops = lifecycle.personalisation_mflops(result.n_train, len(calib) if config.guard else 0)
     record.personalise_s = result.seconds
-    outcome.exits, outcome.num_samples = state.exits, result.n_train
+    outcome.exits = {n: t.clone() for n, t in lifecycle.model.exits.state_dict().items()}
+    outcome.num_samples = result.n_train

@@ -78,7 +78,7 @@ class UserState:
     image_shape: tuple[int, ...]
     window_days: int
     day: int = 0  # the next day to live
-    exits: dict[str, torch.Tensor] | None = None
+    exits: dict[str, torch.Tensor] | None = None  # the heads that differ from the shared ones
     calibrated: bool = False
     threshold: float = 1.0  # active threshold (thr' while a drift is flagged)
     calibrated_threshold: float = 1.0
