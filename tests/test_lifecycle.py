@@ -26,6 +26,9 @@ def population():
     return SquaresPopulation(num_users=3, images=240, noisy=("u1",))
 
 
+TEST_RULES = {"p_expl": 1.0, "min_new_samples": 40, "window": 16}
+
+
 def lifecycle(model, scenario="writer", policies=("orchestrator",), seed=0, batch_size=16, **orchestrator):
     config = LifecycleConfig(
         policies=list(policies),
@@ -34,7 +37,7 @@ def lifecycle(model, scenario="writer", policies=("orchestrator",), seed=0, batc
         once_days=1,
         stream=StreamConfig(days=6, inputs_per_day=30),
         drift=DriftConfig(scenario=scenario, share=1.0, first_day=3, last_day=3),
-        orchestrator=OrchestratorConfig(**{"p_expl": 1.0, "min_new_samples": 40} | orchestrator),
+        orchestrator=OrchestratorConfig(**TEST_RULES | orchestrator),
     )
     personalisation = PersonalisationConfig(epochs=5, batch_size=batch_size)
     return Lifecycle(model, config, personalisation, decode, drop_tolerance_pp=1.0, calibration_margin_z=1.0)
@@ -68,19 +71,23 @@ def test_exploration_statistic_rises_under_drift_and_not_without(population):
 
 
 def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
-    lc = lifecycle(make_micro_model(), "writer", raised_threshold=0.97)
+    lc = lifecycle(make_micro_model(), "writer", raised_threshold=0.97, threshold_deviation=0.01)
     _, timeline = live(population, lc)
     flagged = timeline[timeline.drift_flagged]
     assert not timeline.loc[:2].drift_flagged.any()
     assert flagged.day.min() == 3  # caught on the day the phone changed hands
     first = flagged.iloc[0]
-    assert first.threshold == 0.97 and first.calibrated_threshold < 0.97
-    assert first.trigger == "drift" and first.personalised  # scheduled personalisation, that night
+    assert first.threshold == 0.97 and first.calibrated_threshold < 0.96
+    # personalisation is scheduled: the first night with a batch of samples since the drift
+    after = timeline[timeline.day >= first.day]
+    night = after[after.personalised].iloc[0]
+    assert night.trigger == "drift" and night.train_samples > 0
+    assert (after[after.day <= night.day].threshold == 0.97).all()  # raised until then
 
 
 def test_drift_rule_and_threshold_on_synthetic_losses():
-    config = OrchestratorConfig(min_explored=5, loss_increase=0.5, loss_z=2.0, raised_threshold=0.9)
-    state = UserState(num_exits=2, image_shape=(1, 4, 4), window_days=2)
+    config = OrchestratorConfig(window=20, loss_increase=0.5, loss_z=2.0, raised_threshold=0.9)
+    state = UserState(num_exits=2, image_shape=(1, 4, 4), window=20)
     rng = np.random.default_rng(0)
     reference = np.abs(rng.normal(0.5, 0.2, (40, 2)))
     state.recalibrated(0.4, [True, False], reference)
@@ -90,7 +97,7 @@ def test_drift_rule_and_threshold_on_synthetic_losses():
     assert state.drift_rule(config)
     state.flag_drift(config)
     assert state.threshold == 0.9 and state.calibrated_threshold == 0.4
-    off = UserState(num_exits=2, image_shape=(1, 4, 4), window_days=2)
+    off = UserState(num_exits=2, image_shape=(1, 4, 4), window=20)
     off.recalibrated(0.4, [False, True], reference)  # exit 0 is not selected: not tracked
     off.explore(np.column_stack([np.full(40, 3.0), np.abs(rng.normal(0.5, 0.2, 40))]))
     assert not off.drift_rule(config)
@@ -141,7 +148,7 @@ def test_state_round_trips_through_arrays_exactly(population):
     state = lc.new_state()
     for day in range(4):
         run_day("orchestrator", state, lc, stream.day(day))
-    assert state.exits is not None and state.buffered > 0 and state.window_count.sum() > 0
+    assert state.exits is not None and state.buffered > 0 and state.explored > 0
     arrays, scalars = state.to_arrays()
     restored = UserState.from_arrays(arrays, scalars)
     again, scalars_again = restored.to_arrays()

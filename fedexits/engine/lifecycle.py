@@ -148,7 +148,7 @@ class Lifecycle:
         self.step_mflops = training_step_mflops(model, personalisation)
 
     def new_state(self) -> UserState:
-        return UserState(self.model.num_exits, self.model.input_shape, self.config.orchestrator.window_days)
+        return UserState(self.model.num_exits, self.model.input_shape, self.config.orchestrator.window)
 
     def load(self, exits: dict[str, torch.Tensor] | None) -> None:
         """The shared exits, overlaid with `exits` (a user keeps only the exits it changed)."""
@@ -232,7 +232,6 @@ def run_day(
     taken = torch.empty(n, dtype=torch.long)
     losses = exploration_losses(probs) if explores else None
     if explores:
-        state.start_day()
         explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < orchestrator.p_expl
     step = orchestrator.check_every if explores else n
     for start in range(0, n, step):

@@ -3,13 +3,14 @@
 Three phases:
 - *Inference*: every input is served by the selected (active) exits at the active threshold.
 - *Exploration*: with probability `p_expl` an input also runs to the final exit; the loss of every
-  active early exit against the final exit's top-1 is added to per-day statistics. If, pooled over
-  the last `window_days` days, an exit's mean loss is higher than at calibration time (by a factor
-  `1 + loss_increase` and by `loss_z` standard errors, once `min_explored` inputs were explored)
-  the input distribution has probably shifted: the drift is flagged, the threshold is raised to
-  `raised_threshold` (thr': more inputs reach the fail-safe) and personalisation is scheduled on
-  the samples that arrived since the window began. The rule is checked every `check_every`
-  inputs, so a drift can be caught on the day it starts.
+  active early exit against the final exit's top-1 joins a window of the last `window` explored
+  inputs. If, over a full window, an exit's mean loss is higher than at calibration time (by a
+  factor `1 + loss_increase` and by `loss_z` standard errors) the input distribution has probably
+  shifted: the drift is flagged, the threshold is raised to `raised_threshold` (thr': more inputs
+  reach the fail-safe) and personalisation is scheduled on the samples that arrived since the
+  window's oldest explored input. The rule is checked every `check_every` inputs, so a drift can
+  be caught on the day it starts; a window counted in inputs, not days, reacts as fast on a busy
+  day as on a quiet one.
 - *Personalisation*, overnight, when the on-device buffer holds at least one personalisation batch
   and either `min_new_samples` new samples arrived since the last personalisation (section 4.3:
   below that, the exits gain little; `accuracy_vs_samples` measures it) or the active threshold
@@ -37,8 +38,7 @@ class OrchestratorConfig:
     """Parameters of the Orchestrator; the module docstring says what each rule does."""
 
     p_expl: float = 0.2  # probability that an input also runs to the final exit
-    window_days: int = 2  # exploration statistics pooled over the last days
-    min_explored: int = 8  # explored inputs in the window before the drift rule may fire
+    window: int = 8  # the drift rule averages the last this many explored inputs
     loss_increase: float = 0.5  # drift: window mean loss > (1 + this) x calibration mean ...
     loss_z: float = 2.0  # ... and above it by this many standard errors
     raised_threshold: float = 1.0  # thr' while a drift is flagged (1.0: every input to the final exit)
@@ -50,8 +50,7 @@ class OrchestratorConfig:
     def __post_init__(self):
         checks = [
             ("p_expl", 0 <= self.p_expl <= 1, "in [0, 1]"),
-            ("window_days", self.window_days >= 1, "an integer >= 1"),
-            ("min_explored", self.min_explored >= 1, "an integer >= 1"),
+            ("window", self.window >= 2, "an integer >= 2"),
             ("loss_increase", self.loss_increase >= 0, ">= 0"),
             ("loss_z", self.loss_z >= 0, ">= 0"),
             ("raised_threshold", 0 <= self.raised_threshold <= 1, "in [0, 1]"),
@@ -76,7 +75,7 @@ class UserState:
 
     num_exits: int
     image_shape: tuple[int, ...]
-    window_days: int
+    window: int
     day: int = 0  # the next day to live
     exits: dict[str, torch.Tensor] | None = None  # the heads that differ from the shared ones
     calibrated: bool = False
@@ -86,8 +85,9 @@ class UserState:
     reference_mean: np.ndarray = None  # (M,) mean loss of each exit vs the final at calibration
     reference_var: np.ndarray = None  # (M,) its variance across calibration samples
     reference_n: int = 0
-    window_sum: np.ndarray = None  # (window_days, M): per day slot, sum of explored losses
-    window_count: np.ndarray = None  # (window_days,): explored inputs per day slot
+    window_losses: np.ndarray = None  # (window, M): losses of the last explored inputs (a ring)
+    window_days: np.ndarray = None  # (window,): the day each of them arrived
+    explored: int = 0  # inputs explored since the last calibration
     drift_flagged: bool = False
     flagged_day: int = -1
     train_from_day: int = 0  # personalisation uses buffered samples that arrived from this day on
@@ -102,15 +102,15 @@ class UserState:
     buffer_day: np.ndarray = None  # int64 (B,): arrival day
 
     def __post_init__(self):
-        m, w = self.num_exits, self.window_days
+        m, w = self.num_exits, self.window
         self.image_shape = tuple(int(s) for s in self.image_shape)
         if not self.active_exits:
             self.active_exits = [False] * m
         defaults = {
             "reference_mean": np.zeros(m),
             "reference_var": np.zeros(m),
-            "window_sum": np.zeros((w, m)),
-            "window_count": np.zeros(w, np.int64),
+            "window_losses": np.zeros((w, m)),
+            "window_days": np.zeros(w, np.int64),
             "buffer_images": _empty_images(self.image_shape),
             "buffer_labels": np.zeros(0, np.int64),
             "buffer_labelled": np.zeros(0, bool),
@@ -147,26 +147,24 @@ class UserState:
         return np.flatnonzero(self.buffer_day >= self.train_from_day)
 
     # -- exploration statistics --------------------------------------------------------------
-    def start_day(self) -> None:
-        slot = self.day % self.window_days
-        self.window_sum[slot] = 0.0
-        self.window_count[slot] = 0
-
     def explore(self, losses: np.ndarray) -> None:
-        """Add explored inputs' losses, (n, M) (columns of inactive exits are ignored)."""
-        slot = self.day % self.window_days
-        self.window_sum[slot] += losses.sum(axis=0)
-        self.window_count[slot] += len(losses)
+        """Add explored inputs' losses, (n, M), to the window (inactive exits' columns are kept
+        but never judged)."""
+        for row in losses:
+            slot = self.explored % self.window
+            self.window_losses[slot] = row
+            self.window_days[slot] = self.day
+            self.explored += 1
 
     def window_mean(self) -> np.ndarray:
-        n = int(self.window_count.sum())
-        return self.window_sum.sum(axis=0) / n if n else np.full(self.num_exits, math.nan)
+        n = min(self.explored, self.window)
+        return self.window_losses[:n].mean(axis=0) if n else np.full(self.num_exits, math.nan)
 
     def drift_rule(self, config: OrchestratorConfig) -> bool:
         """True if an active exit's pooled exploration loss is above its calibration reference
         by the factor and the number of standard errors the config asks for."""
-        n = int(self.window_count.sum())
-        if not self.calibrated or n < config.min_explored or self.reference_n < 2:
+        n = self.window
+        if not self.calibrated or self.explored < n or self.reference_n < 2:
             return False
         mean = self.window_mean()
         se = np.sqrt(self.reference_var * (1.0 / n + 1.0 / self.reference_n))
@@ -179,7 +177,7 @@ class UserState:
         self.drift_flagged = True
         self.flagged_day = self.day
         self.threshold = max(self.threshold, config.raised_threshold)
-        self.train_from_day = max(self.train_from_day, self.day - config.window_days + 1)
+        self.train_from_day = max(self.train_from_day, int(self.window_days.min()))
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
         """A new calibration: threshold and exits from `engine.calibrate`, reference statistics
@@ -192,8 +190,9 @@ class UserState:
         self.reference_var = (
             losses.var(axis=0, ddof=1).astype(np.float64) if len(losses) > 1 else 0 * self.reference_mean
         )
-        self.window_sum[:] = 0.0
-        self.window_count[:] = 0
+        self.window_losses[:] = 0.0
+        self.window_days[:] = 0
+        self.explored = 0
         self.drift_flagged = False
 
     # -- serialisation -----------------------------------------------------------------------
