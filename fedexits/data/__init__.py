@@ -22,19 +22,25 @@ from fedexits.data.config import (
     config_defaults,
     parse_config,
 )
+from fedexits.data.streams import DayInputs, DriftConfig, StreamConfig, UserStream, user_stream
 
 __all__ = [
     "CommonConfig",
     "DataError",
+    "DayInputs",
+    "DriftConfig",
     "FemnistHubConfig",
     "FemnistLeafConfig",
     "ImageNetFolderConfig",
     "Population",
+    "StreamConfig",
     "SyntheticConfig",
     "UserData",
+    "UserStream",
     "build_population",
     "config_defaults",
     "parse_config",
+    "user_stream",
 ]
 
 
