@@ -28,35 +28,24 @@ def test_stream_is_a_pure_function_of_seed_user_and_settings():
     assert any(not np.array_equal(a.day(d).images, other_seed.day(d).images) for d in range(5))
 
 
-def test_measured_inputs_were_never_trainable_before():
+def test_recycled_inputs_are_never_both_trained_on_and_measured():
     """Honest daily accuracy: a measured input is a measurement image, or a trainable image on its
-    first appearance (so no policy can have trained on it)."""
+    first arrival (so no policy can have trained on it); repeats are exact and never buffered."""
     population = SquaresPopulation(num_users=2, images=40)
     s = stream(population, days=6, inputs_per_day=20, eval_fraction=0.5)  # 120 arrivals, 40 images
-    seen_trainable = set()
-    repeats = 0
+    pool, _ = population.stream_pool("u0")
+    trainable_keys = set()
     for d in range(6):
         day = s.day(d)
         at = slice(d * 20, (d + 1) * 20)
-        keys = list(zip(s.pool_id[at].tolist(), s.index[at].tolist()))
-        for key, measured in zip(keys, day.measured.tolist()):
-            if measured:
-                assert key not in seen_trainable
-            repeats += key in seen_trainable
-        seen_trainable.update(k for k, t in zip(keys, day.trainable.tolist()) if t)
+        assert np.array_equal(day.images, pool[s.index[at]])
+        keys = s.index[at].tolist()
+        for key, measured, trainable in zip(keys, day.measured.tolist(), day.trainable.tolist()):
+            assert key not in trainable_keys or not (measured or trainable)
+            trainable_keys.update([key] if trainable else [])
         assert day.measured.any()
-    assert repeats > 0  # the pool was recycled, and the repeats were not measured
-
-
-def test_repeated_arrivals_are_augmented_variants():
-    population = SquaresPopulation(num_users=1, images=10)
-    s = stream(population, days=2, inputs_per_day=10)
-    first, second = s.day(0), s.day(1)
-    pool, _ = population.stream_pool("u0")
-    assert np.array_equal(first.images, pool[s.index[:10]])
-    assert not np.array_equal(second.images, pool[s.index[10:]])
-    plain = stream(population, days=2, inputs_per_day=10, augment_repeats=False)
-    assert np.array_equal(plain.day(1).images, pool[plain.index[10:]])
+    assert len(trainable_keys) == 20  # half of the 40 images, each buffered once
+    assert not s.day(5).trainable.any()  # every trainable image arrived in the first cycle
 
 
 def test_label_fraction_labels_that_share_of_each_day():
@@ -79,7 +68,7 @@ def test_writer_drift_switches_to_another_users_images():
 def test_label_drift_makes_rare_classes_popular():
     population = SquaresPopulation(num_users=1, images=300)
     drift = DriftConfig(scenario="labels", share=1.0, first_day=3, last_day=3)
-    s = stream(population, drift=drift, days=10, inputs_per_day=30, augment_repeats=False)
+    s = stream(population, drift=drift, days=10, inputs_per_day=30)
     before = torch.cat([s.day(d).labels for d in range(3)]).bincount(minlength=8).float()
     after = torch.cat([s.day(d).labels for d in range(3, 10)]).bincount(minlength=8).float()
     popular_before = before.argmax()

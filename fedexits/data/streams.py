@@ -5,16 +5,18 @@ Flower node that builds the stream of a user gets the same inputs in the same or
 
 How a user with a few hundred images yields many days of inputs, honestly:
 - The user's images are split once (seeded) into *measurement* images (`eval_fraction`) and
-  *trainable* images. Both arrive in the stream and are classified; only trainable arrivals may
-  enter the on-device buffer, so measurement images are never trained on.
-- Arrivals cycle through seeded permutations of the pool (without replacement within a cycle);
-  an image that arrives again is a new seeded random affine variant of it (`augment_repeats`):
-  a writer writes the same character again, slightly differently.
-- `measured` marks the arrivals that count for the day's accuracy: measurement images, and
-  trainable images on their first appearance. Neither can have been trained on before, whatever
-  the policy, so the accuracy of day d is on inputs no personalisation has seen; the set is a
-  property of the stream, identical for every policy.
-
+  *trainable* images. Arrivals cycle through seeded permutations of the whole pool (without
+  replacement within a cycle), so any number of days can be served.
+- `trainable`: a trainable image on its first arrival; only these may enter the on-device buffer.
+  A repeat is served but not buffered (the device has seen it), so no image is ever both trained
+  on and measured, or in a personalisation's training and validation splits at once.
+- `measured`: the arrivals that count for the day's accuracy: measurement images (whenever they
+  arrive; nothing trains on them) and trainable images on their first arrival. None of them can
+  have been trained on before, whatever the policy; the set is a property of the stream,
+  identical for every policy. Once a user's trainable images have all arrived, no new samples
+  arrive until a drift brings new ones (the Orchestrator then has nothing to personalise on).
+- Repeats are exact copies: random affine variants were tried and shifted the distribution
+  (-4 pp for the global model's final exit on the synthetic default), an artificial drift.
 Drift (`DriftConfig`): a seeded share of users (each user drifts when a hash of (seed, user)
 falls below `share`, so the drifted set does not depend on who else takes part) drifts at a seeded
 day in [first_day, last_day]. `labels`: the user's class popularity is reversed among the classes
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedexits.data.base import Population, UserDataError
 from fedexits.data.split import rng_for, stable_seed
@@ -45,14 +46,12 @@ class StreamConfig:
     """days: days the run lasts; inputs_per_day: inputs arriving each day (every user);
     label_fraction: share of each day's inputs that carry a label (the rest are unlabelled, trained
     with the final exit's pseudo-labels); eval_fraction: share of a user's images kept for
-    measurement only (never buffered, never trained on); augment_repeats: repeated arrivals of an
-    image are random affine variants of it."""
+    measurement only (never buffered, never trained on)."""
 
     days: int = 14
-    inputs_per_day: int = 30
+    inputs_per_day: int = 20
     label_fraction: float = 1.0
     eval_fraction: float = 0.5
-    augment_repeats: bool = True
 
     def __post_init__(self):
         _check("stream.days", self.days, self.days >= 1, "an integer >= 1")
@@ -115,7 +114,7 @@ class DayInputs:
     labels: torch.Tensor  # int64 (n,)
     labelled: torch.Tensor  # bool (n,): the device knows this label
     measured: torch.Tensor  # bool (n,): counts for the day's accuracy (never trained on before)
-    trainable: torch.Tensor  # bool (n,): may enter the on-device buffer
+    trainable: torch.Tensor  # bool (n,): may enter the on-device buffer (first arrivals only)
     drift_active: bool
 
     def __len__(self) -> int:
@@ -200,10 +199,7 @@ class UserStream:
             rows = pool_id == p
             images[rows] = pool.images[index[rows]]
             labels[rows], is_eval[rows] = pool.labels[index[rows]], pool.is_eval[index[rows]]
-        repeat = appearance > 0
-        if self.config.augment_repeats and repeat.any():
-            generator = torch.Generator().manual_seed(stable_seed(self.seed, "stream-augment", self.user, d))
-            images[repeat] = random_affine_uint8(images[repeat], generator)
+        first = appearance == 0
         n_labelled = math.floor(self.config.label_fraction * per_day + 0.5)
         labelled = np.zeros(per_day, bool)
         labelled[rng_for(self.seed, "stream-labelled", self.user, d).permutation(per_day)[:n_labelled]] = True
@@ -214,8 +210,8 @@ class UserStream:
             x=self.population.model_input(images),
             labels=torch.from_numpy(labels),
             labelled=torch.from_numpy(labelled),
-            measured=torch.from_numpy(is_eval | ~repeat),
-            trainable=torch.from_numpy(~is_eval),
+            measured=torch.from_numpy(is_eval | first),
+            trainable=torch.from_numpy(~is_eval & first),
             drift_active=self.drift_day is not None and d >= self.drift_day,
         )
 
@@ -258,19 +254,3 @@ def reversed_popularity(rng: np.random.Generator, labels: np.ndarray, length: in
         members = np.flatnonzero(labels == cls)
         index[slots] = members[cycled(rng, len(members), len(slots))]
     return index
-
-
-def random_affine_uint8(images: np.ndarray, generator: torch.Generator) -> np.ndarray:
-    """Seeded per-image rotation (+-10 deg), shift (+-10%) and scale (0.9-1.1), like
-    personalisation's augmentation, kept in uint8 (so a buffer stores exactly what arrived)."""
-    x = torch.from_numpy(images).float()
-    n = len(x)
-    u = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle, scale = u[:, 0] * math.radians(10), 1 + 0.1 * u[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, 0.2 * u[:, 2]], 1), torch.stack([sin, cos, 0.2 * u[:, 3]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8).numpy()
