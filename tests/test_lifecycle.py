@@ -22,20 +22,21 @@ from .lifecycle_helpers import SquaresPopulation, make_micro_model, square_datas
 
 @pytest.fixture(scope="module")
 def population():
-    # 240 images per user: 6 days x 30 inputs never recycle one; u1 is a very different "writer"
-    return SquaresPopulation(num_users=3, images=240, noisy=("u1",))
+    # 300 images per user: 6 days x 40 inputs never recycle one; u1 is a very different "writer"
+    return SquaresPopulation(num_users=3, images=300, noisy=("u1",))
 
 
-TEST_RULES = {"p_expl": 1.0, "min_new_samples": 40, "window": 16}
+# every input explored (40 a day): the CUSUM sees 40 inputs a day, so the alarm level is higher
+TEST_RULES = {"p_expl": 1.0, "min_new_samples": 40, "min_reference": 8, "cusum_alarm": 40.0}
 
 
 def lifecycle(model, scenario="writer", policies=("orchestrator",), seed=0, batch_size=16, **orchestrator):
     config = LifecycleConfig(
         policies=list(policies),
         seed=seed,
-        buffer_size=64,
+        buffer_size=96,
         once_days=1,
-        stream=StreamConfig(days=6, inputs_per_day=30),
+        stream=StreamConfig(days=6, inputs_per_day=40),
         drift=DriftConfig(scenario=scenario, share=1.0, first_day=3, last_day=3),
         orchestrator=OrchestratorConfig(**TEST_RULES | orchestrator),
     )
@@ -59,15 +60,15 @@ def test_exploration_statistic_rises_under_drift_and_not_without(population):
     model = make_micro_model()
     _, drifted = live(population, lifecycle(model, "writer"))  # u0's phone goes to u1 on day 3
     _, steady = live(population, lifecycle(model, "none"))
-    before = drifted.loc[2]  # personalised on night 1 or 2, calibrated: the reference is set
-    assert before.explore_loss < 1.5 * before.reference_loss
+    before = drifted.loc[2]  # personalised and calibrated on nights 0-1: the reference is set
     drift_day = drifted.loc[3]
     assert drift_day.explore_loss > 2.0 * drift_day.reference_loss
     assert drift_day.explore_loss > 2.0 * before.explore_loss
     calibrated = steady[steady.reference_loss.notna()]
-    assert len(calibrated) >= 3
-    assert (calibrated.explore_loss < 1.5 * calibrated.reference_loss + 0.1).all()
-    assert not steady.drift_flagged.any()
+    assert len(calibrated) >= 4
+    assert (calibrated.explore_loss < 2.0 * calibrated.reference_loss).all()
+    assert drift_day.cusum > 3 * calibrated.cusum.max()
+    assert drifted.drift_flagged.loc[3] and not steady.drift_flagged.any()
 
 
 def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
@@ -86,21 +87,26 @@ def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
 
 
 def test_drift_rule_and_threshold_on_synthetic_losses():
-    config = OrchestratorConfig(window=20, loss_increase=0.5, loss_z=2.0, raised_threshold=0.9)
-    state = UserState(num_exits=2, image_shape=(1, 4, 4), window=20)
+    config = OrchestratorConfig(cusum_slack=0.5, cusum_alarm=4.0, raised_threshold=0.9)
+    state = UserState(num_exits=2, image_shape=(1, 4, 4))
     rng = np.random.default_rng(0)
-    reference = np.abs(rng.normal(0.5, 0.2, (40, 2)))
-    state.recalibrated(0.4, [True, False], reference)
-    state.explore(np.abs(rng.normal(0.5, 0.2, (20, 2))))
+    state.recalibrated(0.4, [True, False], np.abs(rng.normal(1.0, 0.5, 40)))
+    state.day = 5
+    state.explore(np.abs(rng.normal(1.0, 0.5, 60)), config.cusum_slack)  # no drift: S stays low
+    assert state.cusum < 2.0 and not state.drift_rule(config)
+    state.recalibrated(0.4, [True, False], np.abs(rng.normal(1.0, 0.5, 40)))
+    state.day = 6
+    state.explore(np.full(1, 3.0), config.cusum_slack)  # one bad input is not a drift
     assert not state.drift_rule(config)
-    state.explore(np.column_stack([np.full(20, 3.0), np.zeros(20)]))  # exit 0's loss jumps
+    state.explore(np.full(3, 2.0), config.cusum_slack)  # the loss stays higher: drift
     assert state.drift_rule(config)
     state.flag_drift(config)
     assert state.threshold == 0.9 and state.calibrated_threshold == 0.4
-    off = UserState(num_exits=2, image_shape=(1, 4, 4), window=20)
-    off.recalibrated(0.4, [False, True], reference)  # exit 0 is not selected: not tracked
-    off.explore(np.column_stack([np.full(40, 3.0), np.abs(rng.normal(0.5, 0.2, 40))]))
-    assert not off.drift_rule(config)
+    assert state.train_from_day == 6  # where the CUSUM started rising
+    few = UserState(num_exits=2, image_shape=(1, 4, 4))
+    few.recalibrated(0.4, [True, True], np.abs(rng.normal(1.0, 0.5, 5)))  # too small a reference
+    few.explore(np.full(20, 3.0), config.cusum_slack)
+    assert not few.drift_rule(config)
 
 
 def test_personalisation_skipped_when_the_data_rule_says_so(population):
@@ -146,7 +152,7 @@ def test_state_round_trips_through_arrays_exactly(population):
     lc = lifecycle(make_micro_model(), "none")
     stream = user_stream(population, "u0", lc.config.stream, lc.config.drift, lc.config.seed)
     state = lc.new_state()
-    for day in range(4):
+    for day in range(3):
         run_day("orchestrator", state, lc, stream.day(day))
     assert state.exits is not None and state.buffered > 0 and state.explored > 0
     arrays, scalars = state.to_arrays()
@@ -157,7 +163,7 @@ def test_state_round_trips_through_arrays_exactly(population):
         assert array.dtype == again[name].dtype and np.array_equal(array, again[name], equal_nan=True), name
     assert state.buffer_images.dtype == np.uint8
     # the next day is the same from the original and from the restored state
-    a, b = (run_day("orchestrator", s, lc, stream.day(4)).record.to_dict() for s in (state, restored))
+    a, b = (run_day("orchestrator", s, lc, stream.day(3)).record.to_dict() for s in (state, restored))
     a, b = (pd.DataFrame([r]).drop(columns=list(TIMING_COLUMNS)) for r in (a, b))
     pd.testing.assert_frame_equal(a, b)
     assert np.array_equal(state.buffer_images, restored.buffer_images)

@@ -100,8 +100,9 @@ class DayRecord:
     measured: int = 0
     explored: int = 0
     early_exit_share: float = float("nan")
-    explore_loss: float = float("nan")  # today's mean exploration loss over active exits
-    reference_loss: float = float("nan")  # its calibration-time reference
+    explore_loss: float = float("nan")  # today's mean exploration loss (selected exits vs final)
+    reference_loss: float = float("nan")  # its mean on the calibration samples
+    cusum: float = float("nan")  # the drift statistic at the end of the day
     buffered: int = 0
     new_samples: int = 0
     train_samples: int = 0
@@ -148,7 +149,7 @@ class Lifecycle:
         self.step_mflops = training_step_mflops(model, personalisation)
 
     def new_state(self) -> UserState:
-        return UserState(self.model.num_exits, self.model.input_shape, self.config.orchestrator.window)
+        return UserState(self.model.num_exits, self.model.input_shape)
 
     def load(self, exits: dict[str, torch.Tensor] | None) -> None:
         """The shared exits, overlaid with `exits` (a user keeps only the exits it changed)."""
@@ -230,7 +231,7 @@ def run_day(
     explores = policy in EXPLORING
     explored = np.zeros(n, bool)
     taken = torch.empty(n, dtype=torch.long)
-    losses = exploration_losses(probs) if explores else None
+    losses = exploration_losses(probs, active) if explores else None
     if explores:
         explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < orchestrator.p_expl
     step = orchestrator.check_every if explores else n
@@ -238,7 +239,7 @@ def run_day(
         at = slice(start, min(n, start + step))
         taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
         if explores:
-            state.explore(losses[at][explored[at]])
+            state.explore(losses[at][explored[at]], orchestrator.cusum_slack)
             if not state.drift_flagged and state.drift_rule(orchestrator):
                 state.flag_drift(orchestrator)
 
@@ -269,9 +270,10 @@ def run_day(
         early_exit_share=_mean(taken < lifecycle.model.num_exits),
     )
     if explores and explored.any() and on.any():
-        record.explore_loss = float(losses[explored][:, on].mean())
+        record.explore_loss = float(losses[explored].mean())
+        record.cusum = state.cusum
     if state.calibrated and on.any():
-        record.reference_loss = float(state.reference_mean[on].mean())
+        record.reference_loss = state.reference_mean
 
     if _buffers(policy, state):
         keep = inputs.trainable.numpy()
@@ -363,7 +365,8 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
         prune=lifecycle.prune_exits,
         margin_z=lifecycle.calibration_margin_z,
     )
-    state.recalibrated(calibration.threshold, calibration.active_exits, exploration_losses(probs))
+    losses = exploration_losses(probs, calibration.active_exits)
+    state.recalibrated(calibration.threshold, calibration.active_exits, losses)
     state.calibration_accuracy = calibration.accuracy
     state.calibration_mflops = calibration.expected_mflops
 

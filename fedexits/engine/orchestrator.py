@@ -2,20 +2,24 @@
 
 Three phases:
 - *Inference*: every input is served by the selected (active) exits at the active threshold.
-- *Exploration*: with probability `p_expl` an input also runs to the final exit; the loss of every
-  active early exit against the final exit's top-1 joins a window of the last `window` explored
-  inputs. If, over a full window, an exit's mean loss is higher than at calibration time (by a
-  factor `1 + loss_increase` and by `loss_z` standard errors) the input distribution has probably
-  shifted: the drift is flagged, the threshold is raised to `raised_threshold` (thr': more inputs
-  reach the fail-safe) and personalisation is scheduled on the samples that arrived since the
-  window's oldest explored input. The rule is checked every `check_every` inputs, so a drift can
-  be caught on the day it starts; a window counted in inputs, not days, reacts as fast on a busy
-  day as on a quiet one.
+- *Exploration*: with probability `p_expl` an input also runs to the final exit. Its loss is the
+  cross-entropy of each selected early exit against the final exit's top-1 (capped at ln(classes),
+  a uniform guess, so one input cannot decide alone), averaged over the selected exits. The paper
+  asks whether the exits' average loss *stays* higher than at calibration time; we answer with a
+  one-sided CUSUM on that loss, standardised by its calibration mean and standard deviation:
+  S <- max(0, S + z - `cusum_slack`), drift when S > `cusum_alarm`. Only a persistent rise
+  accumulates; the state is one number, and the day S last left zero estimates when the drift
+  began. (The paper tracks every exit; one statistic over the selected exits avoids testing up to
+  M of them, and a drift moves them together.) On a drift: the flag is raised, the threshold goes
+  to `raised_threshold` (thr': more inputs reach the fail-safe) and personalisation is scheduled
+  on the samples that arrived since the drift began. The rule is checked every `check_every`
+  inputs, so a drift can be caught on the day it starts. It needs a calibration on at least
+  `min_reference` samples.
 - *Personalisation*, overnight, when the on-device buffer holds at least one personalisation batch
   and either `min_new_samples` new samples arrived since the last personalisation (section 4.3:
   below that, the exits gain little; `accuracy_vs_samples` measures it) or the active threshold
   is at least `threshold_deviation` above the calibrated one (a flagged drift). Then the exits are
-  recalibrated (`engine.calibrate`) and re-profiled, the statistics restart from the new
+  recalibrated (`engine.calibrate`) and re-profiled, the statistic restarts from the new
   reference, and the threshold returns to the calibrated one.
 
 The state is plain numbers and arrays (`UserState.to_arrays` / `UserState.from_arrays`), so it can
@@ -32,17 +36,19 @@ import torch
 
 from ..errors import SettingsError
 
+SD_FLOOR = 0.25  # nats: a calibration spread below this is treated as this (no division by ~0)
+
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
     """Parameters of the Orchestrator; the module docstring says what each rule does."""
 
-    p_expl: float = 0.2  # probability that an input also runs to the final exit
-    window: int = 8  # the drift rule averages the last this many explored inputs
-    loss_increase: float = 0.5  # drift: window mean loss > (1 + this) x calibration mean ...
-    loss_z: float = 2.0  # ... and above it by this many standard errors
+    p_expl: float = 0.25  # probability that an input also runs to the final exit
+    cusum_slack: float = 0.5  # CUSUM slack k, in calibration standard deviations per input
+    cusum_alarm: float = 4.0  # CUSUM alarm level h, in calibration standard deviations
+    min_reference: int = 10  # calibration samples needed before the drift rule may fire
     raised_threshold: float = 1.0  # thr' while a drift is flagged (1.0: every input to the final exit)
-    check_every: int = 10  # inputs between two checks of the drift rule within a day
+    check_every: int = 5  # inputs between two checks of the drift rule within a day
     min_new_samples: int = 60  # personalise once this many new samples are buffered ...
     threshold_deviation: float = 0.2  # ... or once thr' is this far above the calibrated threshold
     restart_on_drift: bool = True  # drift-triggered personalisation starts from the shared exits
@@ -50,9 +56,9 @@ class OrchestratorConfig:
     def __post_init__(self):
         checks = [
             ("p_expl", 0 <= self.p_expl <= 1, "in [0, 1]"),
-            ("window", self.window >= 2, "an integer >= 2"),
-            ("loss_increase", self.loss_increase >= 0, ">= 0"),
-            ("loss_z", self.loss_z >= 0, ">= 0"),
+            ("cusum_slack", self.cusum_slack >= 0, ">= 0"),
+            ("cusum_alarm", self.cusum_alarm > 0, "> 0"),
+            ("min_reference", self.min_reference >= 2, "an integer >= 2"),
             ("raised_threshold", 0 <= self.raised_threshold <= 1, "in [0, 1]"),
             ("check_every", self.check_every >= 1, "an integer >= 1"),
             ("min_new_samples", self.min_new_samples >= 1, "an integer >= 1"),
@@ -75,18 +81,17 @@ class UserState:
 
     num_exits: int
     image_shape: tuple[int, ...]
-    window: int
     day: int = 0  # the next day to live
     exits: dict[str, torch.Tensor] | None = None  # the heads that differ from the shared ones
     calibrated: bool = False
     threshold: float = 1.0  # active threshold (thr' while a drift is flagged)
     calibrated_threshold: float = 1.0
     active_exits: list[bool] = field(default_factory=list)
-    reference_mean: np.ndarray = None  # (M,) mean loss of each exit vs the final at calibration
-    reference_var: np.ndarray = None  # (M,) its variance across calibration samples
-    reference_n: int = 0
-    window_losses: np.ndarray = None  # (window, M): losses of the last explored inputs (a ring)
-    window_days: np.ndarray = None  # (window,): the day each of them arrived
+    reference_mean: float = math.nan  # exploration loss on the calibration samples: mean ...
+    reference_sd: float = math.nan  # ... standard deviation ...
+    reference_n: int = 0  # ... and how many samples
+    cusum: float = 0.0  # the drift statistic S, in reference standard deviations
+    cusum_start_day: int = 0  # the day S last left zero
     explored: int = 0  # inputs explored since the last calibration
     drift_flagged: bool = False
     flagged_day: int = -1
@@ -102,15 +107,10 @@ class UserState:
     buffer_day: np.ndarray = None  # int64 (B,): arrival day
 
     def __post_init__(self):
-        m, w = self.num_exits, self.window
         self.image_shape = tuple(int(s) for s in self.image_shape)
         if not self.active_exits:
-            self.active_exits = [False] * m
+            self.active_exits = [False] * self.num_exits
         defaults = {
-            "reference_mean": np.zeros(m),
-            "reference_var": np.zeros(m),
-            "window_losses": np.zeros((w, m)),
-            "window_days": np.zeros(w, np.int64),
             "buffer_images": _empty_images(self.image_shape),
             "buffer_labels": np.zeros(0, np.int64),
             "buffer_labelled": np.zeros(0, bool),
@@ -143,56 +143,42 @@ class UserState:
 
     def training_rows(self) -> np.ndarray:
         """Buffer rows personalisation may use: those since `train_from_day` (a flagged drift
-        moves it to the start of the window that showed the drift)."""
+        moves it to the day the drift began, by the CUSUM's estimate)."""
         return np.flatnonzero(self.buffer_day >= self.train_from_day)
 
-    # -- exploration statistics --------------------------------------------------------------
-    def explore(self, losses: np.ndarray) -> None:
-        """Add explored inputs' losses, (n, M), to the window (inactive exits' columns are kept
-        but never judged)."""
-        for row in losses:
-            slot = self.explored % self.window
-            self.window_losses[slot] = row
-            self.window_days[slot] = self.day
+    # -- exploration statistic ---------------------------------------------------------------
+    def explore(self, losses: np.ndarray, slack: float) -> None:
+        """Feed explored inputs' losses (n,), in arrival order, to the CUSUM."""
+        sd = max(self.reference_sd, SD_FLOOR)
+        for loss in losses.tolist():
+            rise = (loss - self.reference_mean) / sd - slack
+            if self.cusum == 0.0 and rise > 0:
+                self.cusum_start_day = self.day
+            self.cusum = max(0.0, self.cusum + rise)
             self.explored += 1
 
-    def window_mean(self) -> np.ndarray:
-        n = min(self.explored, self.window)
-        return self.window_losses[:n].mean(axis=0) if n else np.full(self.num_exits, math.nan)
-
     def drift_rule(self, config: OrchestratorConfig) -> bool:
-        """True if an active exit's pooled exploration loss is above its calibration reference
-        by the factor and the number of standard errors the config asks for."""
-        n = self.window
-        if not self.calibrated or self.explored < n or self.reference_n < 2:
-            return False
-        mean = self.window_mean()
-        se = np.sqrt(self.reference_var * (1.0 / n + 1.0 / self.reference_n))
-        above = (mean > (1 + config.loss_increase) * self.reference_mean) & (
-            mean - self.reference_mean > config.loss_z * se
-        )
-        return bool((above & np.asarray(self.active_exits, bool)).any())
+        """True once the exploration loss has stayed above its calibration reference long enough
+        for the CUSUM to pass the alarm level."""
+        monitored = self.calibrated and any(self.active_exits) and self.reference_n >= config.min_reference
+        return monitored and self.cusum > config.cusum_alarm
 
     def flag_drift(self, config: OrchestratorConfig) -> None:
         self.drift_flagged = True
         self.flagged_day = self.day
         self.threshold = max(self.threshold, config.raised_threshold)
-        self.train_from_day = max(self.train_from_day, int(self.window_days.min()))
+        self.train_from_day = max(self.train_from_day, self.cusum_start_day)
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
-        """A new calibration: threshold and exits from `engine.calibrate`, reference statistics
-        from `losses` (n, M) of the calibration samples; exploration restarts."""
+        """A new calibration: threshold and exits from `engine.calibrate`, the reference of the
+        exploration loss from `losses` (n,) of the calibration samples; the CUSUM restarts."""
         self.calibrated = True
         self.threshold = self.calibrated_threshold = float(threshold)
         self.active_exits = [bool(a) for a in active]
         self.reference_n = len(losses)
-        self.reference_mean = losses.mean(axis=0).astype(np.float64)
-        self.reference_var = (
-            losses.var(axis=0, ddof=1).astype(np.float64) if len(losses) > 1 else 0 * self.reference_mean
-        )
-        self.window_losses[:] = 0.0
-        self.window_days[:] = 0
-        self.explored = 0
+        self.reference_mean = float(losses.mean()) if len(losses) else math.nan
+        self.reference_sd = float(losses.std(ddof=1)) if len(losses) > 1 else math.nan
+        self.cusum, self.explored = 0.0, 0
         self.drift_flagged = False
 
     # -- serialisation -----------------------------------------------------------------------
@@ -240,9 +226,15 @@ class UserState:
         return sum(a.nbytes for a in self.to_arrays()[0].values())
 
 
-def exploration_losses(probs: torch.Tensor) -> np.ndarray:
-    """(n, M) cross-entropy of every early exit against the final exit's top-1, from the softmax
-    of every exit (M+1, n, classes): the exploration phase's loss, no labels needed."""
+def exploration_losses(probs: torch.Tensor, active: list[bool]) -> np.ndarray:
+    """(n,) the exploration loss of every input, from the softmax of every exit (M+1, n, classes):
+    the cross-entropy of each selected early exit against the final exit's top-1, capped at
+    ln(classes), averaged over the selected exits (nan if none is selected). No labels needed."""
+    on = torch.tensor(list(active), dtype=torch.bool)
+    if not on.any():
+        return np.full(probs.shape[1], math.nan)
     final_top1 = probs[-1].argmax(-1)
-    picked = probs[:-1].gather(2, final_top1[None, :, None].expand(probs.shape[0] - 1, -1, 1))[..., 0]
-    return (-picked.clamp_min(1e-12).log()).T.double().numpy()
+    exits = probs[:-1][on]
+    picked = exits.gather(2, final_top1[None, :, None].expand(len(exits), -1, 1))[..., 0]
+    cap = math.log(probs.shape[-1])
+    return (-picked.clamp_min(1e-12).log()).clamp_max(cap).mean(0).double().numpy()
