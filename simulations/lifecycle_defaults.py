@@ -3,11 +3,12 @@
     python simulations/lifecycle_defaults.py fig4 --users 20 --out results/lifecycle
     python simulations/lifecycle_defaults.py run --users 20 --out results/lifecycle
     python simulations/lifecycle_defaults.py sweep --users 20 --out results/lifecycle \
-        --candidates '{"p=0.1": {"p_expl": 0.1}, "p=0.3": {"p_expl": 0.3}}'
+        --policies orchestrator --candidates '{"p=0.1": {"p_expl": 0.1}, "p=0.3": {"p_expl": 0.3}}'
 
 `fig4`: accuracy of every exit against the number of personalisation samples (the
 minimum-new-samples rule). `run`: every policy on the same users and streams, then the issue's
-targets. `sweep`: orchestrator candidates on the same users (policies orchestrator and nightly).
+targets. `sweep`: orchestrator candidates (JSON of OrchestratorConfig overrides) on the same users
+(`--policies orchestrator` to skip the others; compare with `run`'s nightly).
 Everything runs in this process on one thread (what a virtual client gets), with the cached
 global model of the given Hydra overrides (synthetic default without any).
 """
@@ -27,7 +28,8 @@ import torch
 from fedexits.data import build_population
 from fedexits.data.streams import DriftConfig, StreamConfig
 from fedexits.engine import ExitCosts, load_model
-from fedexits.engine.lifecycle import POLICIES, Lifecycle, LifecycleConfig
+from fedexits.engine.lifecycle import Lifecycle
+from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, run_lifecycle
 from fedexits.engine.orchestrator import OrchestratorConfig
 from fedexits.engine.protocol import personalisation_for_user
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=DriftConfig.share)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=json.loads, default={"default": {}})
+    parser.add_argument("--policies", type=lambda text: text.split(","), default=list(POLICIES))
     parser.add_argument("--out", default="results/lifecycle")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -175,27 +178,19 @@ def main() -> None:
         fig4(args, setup).to_csv(out / "fig4.csv", index=False)
         return
     if args.command == "run":
-        result, metrics, seconds = run(args, setup, POLICIES)
+        result, metrics, seconds = run(args, setup, args.policies)
         result.timeline.to_csv(out / "timeline.csv", index=False)
         result.failures.to_csv(out / "failures.csv", index=False)
         print(metrics.round(3).T.to_string())
-        print(f"{args.users} users x {args.days} days x 5 policies: {seconds:.0f} s")
+        print(f"{args.users} users x {args.days} days x {len(args.policies)} policies: {seconds:.0f} s")
         return
     rows = []
     for name, change in args.candidates.items():
-        _, metrics, seconds = run(args, setup, ["nightly", "orchestrator"], change)
-        o, n = metrics.loc["orchestrator"], metrics.loc["nightly"]
-        rows.append(
-            o.to_dict()
-            | {
-                "candidate": name,
-                "steady_gap_to_nightly_pp": n.steady_accuracy - o.steady_accuracy,
-                "train_share_of_nightly": o.steady_train_gflops_per_user / n.steady_train_gflops_per_user,
-                "seconds": seconds,
-            }
-        )
-        print(json.dumps(rows[-1], default=float))
-    table = pd.DataFrame(rows).set_index("candidate")
+        _, metrics, seconds = run(args, setup, args.policies, change)
+        for policy, row in metrics.iterrows():
+            rows.append({"candidate": name, "policy": policy, **row.to_dict(), "seconds": seconds})
+            print(json.dumps(rows[-1], default=float))
+    table = pd.DataFrame(rows).set_index(["candidate", "policy"])
     table.to_csv(out / "sweep.csv")
     print(table.round(3).T.to_string())
 

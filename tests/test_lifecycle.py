@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from fedexits.data.streams import DriftConfig, StreamConfig, user_stream
-from fedexits.engine.lifecycle import (
-    POLICIES,
-    TIMING_COLUMNS,
-    Lifecycle,
-    LifecycleConfig,
-    check_buffer,
-    run_day,
-)
+from fedexits.engine.lifecycle import TIMING_COLUMNS, Lifecycle, run_day
+from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, average_exits, run_lifecycle
 from fedexits.engine.orchestrator import OrchestratorConfig, UserState
 from fedexits.engine.personalise import PersonalisationConfig

@@ -11,7 +11,8 @@ from .inference import (
     fixed_exit_inference,
     fold_batchnorm,
 )
-from .lifecycle import POLICIES, DayOutcome, DayRecord, Lifecycle, LifecycleConfig, day_features, run_day
+from .lifecycle import DayOutcome, DayRecord, Lifecycle, day_features, run_day
+from .lifecycle_config import POLICIES, LifecycleConfig
 from .lifecycle_run import LifecycleResult, accuracy_vs_samples, average_exits, run_lifecycle
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
 from .orchestrator import OrchestratorConfig, UserState

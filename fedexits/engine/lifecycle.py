@@ -19,63 +19,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.split import rng_for, stable_seed
-from ..data.streams import DayInputs, DriftConfig, StreamConfig, check_drift_within
+from ..data.streams import DayInputs
 from ..errors import SettingsError
 from ..models import cost_table
 from .calibration import ExitCosts, calibrate, exits_taken
 from .features import FrozenFeatures
 from .inference import exit_probabilities
+from .lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from .losses import exit_loss
-from .orchestrator import OrchestratorConfig, UserState, exploration_losses
+from .orchestrator import UserState, exploration_losses
 from .personalise import PersonalisationConfig, personalise, split_validation
 
-POLICIES = ("never", "once", "nightly", "orchestrator", "orchestrator+fedavg")
 EXPLORING = ("orchestrator", "orchestrator+fedavg")
 TIMING_COLUMNS = ("personalise_s",)  # differ between runs with the same seed
-
-
-@dataclass(frozen=True)
-class LifecycleConfig:
-    """policies: which policies run (names from POLICIES); seed: streams, drift, exploration and
-    personalisation seeds; buffer_size: inputs the device keeps for personalisation and
-    calibration (the most recent); once_days: the days `once` (and the first calibration of
-    `never` and the orchestrators) use."""
-
-    policies: list[str] = field(default_factory=lambda: list(POLICIES))
-    seed: int = 0
-    buffer_size: int = 256
-    once_days: int = 3
-    stream: StreamConfig = field(default_factory=StreamConfig)
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
-
-    def __post_init__(self):
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown or not self.policies:
-            got = unknown[0] if unknown else "an empty list"
-            raise SettingsError(f"lifecycle.policies must be some of {', '.join(POLICIES)}, got {got!r}")
-        if self.buffer_size < 2:
-            raise SettingsError(f"lifecycle.buffer_size must be an integer >= 2, got {self.buffer_size!r}")
-        if not 1 <= self.once_days <= self.stream.days:
-            raise SettingsError(
-                f"lifecycle.once_days must be in [1, stream.days={self.stream.days}], got {self.once_days!r}"
-            )
-        check_drift_within(self.stream, self.drift)
-
-
-def check_buffer(config: LifecycleConfig, personalisation: PersonalisationConfig) -> None:
-    if config.buffer_size < personalisation.batch_size:
-        raise SettingsError(
-            f"lifecycle.buffer_size must be >= one personalisation batch "
-            f"({personalisation.batch_size}), got {config.buffer_size}"
-        )
 
 
 @dataclass
@@ -224,29 +187,15 @@ def run_day(
         raise ValueError(
             f"user {inputs.user}: the state is at day {state.day}, the inputs are of day {inputs.day}"
         )
-    config, orchestrator = lifecycle.config, lifecycle.config.orchestrator
     lifecycle.load(state.exits)
     probs = (features or day_features(lifecycle, inputs)).exit_probabilities()
-    n, active = len(inputs), list(state.active_exits)
-    explores = policy in EXPLORING
-    explored = np.zeros(n, bool)
-    taken = torch.empty(n, dtype=torch.long)
-    losses = exploration_losses(probs, active) if explores else None
-    if explores:
-        explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < orchestrator.p_expl
-    step = orchestrator.check_every if explores else n
-    for start in range(0, n, step):
-        at = slice(start, min(n, start + step))
-        taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
-        if explores:
-            state.explore(losses[at][explored[at]], orchestrator.cusum_slack)
-            if not state.drift_flagged and state.drift_rule(orchestrator):
-                state.flag_drift(orchestrator)
-
+    active = list(state.active_exits)
+    taken, explored, losses = _serve(policy, state, lifecycle, inputs, probs)
     predictions = probs.argmax(-1)
     served = predictions.gather(0, taken[None])[0]
     mflops = lifecycle.flops.per_exit(active)[taken]
     mflops[torch.from_numpy(explored)] = lifecycle.flops.per_exit(active)[-1]
+    latency = lifecycle.latency.per_exit(active)[taken].mean() if lifecycle.latency else torch.tensor(np.nan)
     measured = inputs.measured
     on = np.asarray(active, bool)
     record = DayRecord(
@@ -256,20 +205,18 @@ def run_day(
         accuracy=_mean(served[measured] == inputs.labels[measured]),
         final_accuracy=_mean(predictions[-1][measured] == inputs.labels[measured]),
         mflops=float(mflops.mean()),
-        latency_ms=float(lifecycle.latency.per_exit(active)[taken].mean())
-        if lifecycle.latency
-        else float("nan"),
+        latency_ms=float(latency),
         threshold=state.threshold,
         drift_active=inputs.drift_active,
         drift_flagged=state.drift_flagged,
         personalised=False,
         train_mflops=0.0,
-        inputs=n,
+        inputs=len(inputs),
         measured=int(measured.sum()),
         explored=int(explored.sum()),
         early_exit_share=_mean(taken < lifecycle.model.num_exits),
     )
-    if explores and explored.any() and on.any():
+    if explored.any() and on.any():
         record.explore_loss = float(losses[explored].mean())
         record.cusum = state.cusum
     if state.calibrated and on.any():
@@ -282,7 +229,7 @@ def run_day(
             inputs.labels.numpy()[keep],
             inputs.labelled.numpy()[keep],
             inputs.day,
-            config.buffer_size,
+            lifecycle.config.buffer_size,
         )
     outcome = DayOutcome(state, record)
     _night(policy, state, lifecycle, inputs.user, start_exits, outcome)
@@ -290,6 +237,30 @@ def run_day(
     record.buffered, record.new_samples = state.buffered, state.new_samples
     state.day += 1
     return outcome
+
+
+def _serve(policy: str, state: UserState, lifecycle: Lifecycle, inputs: DayInputs, probs: torch.Tensor):
+    """Inference and exploration phases: where each input leaves, which inputs were explored and
+    their exploration losses. The drift rule is checked every `check_every` inputs; once it fires
+    the raised threshold serves the rest of the day."""
+    config, rules = lifecycle.config, lifecycle.config.orchestrator
+    n, active = len(inputs), list(state.active_exits)
+    explores = policy in EXPLORING
+    explored = np.zeros(n, bool)
+    losses = np.full(n, np.nan)
+    if explores:
+        explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < rules.p_expl
+        losses = exploration_losses(probs, active)
+    taken = torch.empty(n, dtype=torch.long)
+    step = rules.check_every if explores else n
+    for start in range(0, n, step):
+        at = slice(start, min(n, start + step))
+        taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
+        if explores:
+            state.explore(losses[at][explored[at]], rules.cusum_slack)
+            if not state.drift_flagged and state.drift_rule(rules):
+                state.flag_drift(rules)
+    return taken, explored, losses
 
 
 def _mean(values: torch.Tensor) -> float:
