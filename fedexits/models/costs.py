@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import SettingsError
+
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """FLOPs of one call and its output."""
@@ -51,11 +53,11 @@ def place_exits(cumulative_fraction: Sequence[float], num_exits: int) -> list[in
     total absolute deviation). The last block is excluded: it feeds the final classifier."""
     candidates = list(cumulative_fraction[:-1])
     if num_exits < 1:
-        raise ValueError(f"number of exits must be at least 1, got {num_exits}")
+        raise SettingsError(f"model.num_exits must be >= 1, got {num_exits}")
     if num_exits > len(candidates):
-        raise ValueError(
-            f"{num_exits} exits requested but the backbone has only {len(candidates)} blocks "
-            "to attach them after"
+        raise SettingsError(
+            f"model.num_exits must be <= {len(candidates)} (the blocks this backbone can attach "
+            f"exits after), got {num_exits}"
         )
     targets = [(i + 1) / (num_exits + 1) for i in range(num_exits)]
     inf = float("inf")
