@@ -1,7 +1,17 @@
 """Training, personalisation, early-exit inference, calibration and profiling. No Flower here:
 everything is usable from a notebook."""
 
-from .calibration import THRESHOLDS, Calibration, ExitCosts, apply_calibration, calibrate, pareto_front, sweep
+from .calibration import (
+    CALIBRATION_PRESETS,
+    THRESHOLDS,
+    Calibration,
+    CalibrationConfig,
+    ExitCosts,
+    apply_calibration,
+    calibrate,
+    pareto_front,
+    sweep,
+)
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .inference import (
     EarlyExitOutput,
@@ -23,16 +33,16 @@ from .personalise import (
     personalise,
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
-from .protocol import UserProtocol, run_user
-from .train import TrainConfig, train_global
+from .train import TRAIN_PRESETS, TrainConfig, train_global
 
 __all__ = [
-    "THRESHOLDS", "Calibration", "ExitCosts", "apply_calibration", "calibrate", "pareto_front",
-    "sweep", "load_model", "read_checkpoint", "save_checkpoint", "EarlyExitOutput",
+    "CALIBRATION_PRESETS", "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts",
+    "apply_calibration", "calibrate", "pareto_front", "sweep", "load_model", "read_checkpoint",
+    "save_checkpoint", "EarlyExitOutput",
     "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
     "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
-    "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
+    "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig",
     "train_global",
 ]  # fmt: skip

@@ -103,7 +103,7 @@ def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.T
 
 def exit_accuracies(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """Top-1 accuracy of every exit against `targets`."""
-    return (probs.argmax(-1) == targets).float().mean(dim=1).tolist()
+    return (probs.argmax(-1) == targets).double().mean(dim=1).tolist()  # exact ratios, no float32 tails
 
 
 def fold_batchnorm(model):

@@ -1,0 +1,113 @@
+"""Preparing a run before any client starts: the data cache, the global model (trained once from
+the seed, then reused), and the latency profile."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..data import build_population
+from ..engine import fold_batchnorm, latency_costs, load_model, measure_latency, train_global
+from ..errors import SettingsError
+from ..models import MultiExitSpec, build_multi_exit, cost_table
+from .config import StudyConfig
+from .plan import LatencyProfile, RunPlan, partition_users
+
+
+@dataclass
+class Prepared:
+    """Everything the run needs, resolved in the driver before Ray starts."""
+
+    plan: RunPlan
+    users: list[str]  # partition id -> user
+    num_held_out: int
+    cost_table: pd.DataFrame
+    population: dict  # Population.describe()
+    training: dict  # checkpoint, epoch losses, seconds
+    timings: dict = field(default_factory=dict)
+
+
+def global_model_path(settings: StudyConfig, spec: MultiExitSpec) -> Path:
+    """Cached global model, keyed by everything that shapes it (data, network, training, seed)."""
+    key = json.dumps(
+        {
+            "dataset": asdict(settings.dataset),
+            "model": {**spec.architecture(), "weights": spec.weights},
+            "training": asdict(settings.global_training),
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(settings.cache_dir) / "models" / f"{spec.backbone}-{digest}.pt"
+
+
+def profile_latency(model, repeats: int, threads: int) -> LatencyProfile:
+    """Per-exit latency at batch 1 of the model as a device runs it (BatchNorm folded), measured
+    with `threads` torch threads (what one client gets), in the calibration's form."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        table = measure_latency(fold_batchnorm(model), batch_sizes=(1,), repeats=repeats)
+    finally:
+        torch.set_num_threads(previous)
+    costs = latency_costs(table)
+    return LatencyProfile(list(costs.backbone), list(costs.heads), runtime="eager", batch_size=1)
+
+
+def prepare(settings: StudyConfig, progress: bool = True) -> Prepared:
+    """Build the population cache and the global model (trained once from the seed, then
+    reused), and profile latency once (clients measuring themselves would disturb each other)."""
+    started = time.perf_counter()
+    population = build_population(settings.dataset)
+    data_s = time.perf_counter() - started
+    spec = MultiExitSpec.from_config(settings.model, population.num_classes, population.input_shape)
+    training = settings.global_training
+    if spec.weights == "imagenet" and spec.num_classes != 1000 and training.mode == "exits_only":
+        raise SettingsError(
+            f"global_training.mode must train the classifier (exits_and_classifier): the final "
+            f"classifier is new ({spec.num_classes} classes, not ImageNet's 1000) and would stay random"
+        )
+    path = global_model_path(settings, spec)
+    model = build_multi_exit(spec, seed=training.seed)
+    trained = time.perf_counter()
+    history = train_global(
+        model,
+        population.global_train_set(),
+        training,
+        path,
+        progress=progress,
+        extra={"dataset": asdict(settings.dataset)},
+    )
+    global_model_s = time.perf_counter() - trained
+    sim = settings.simulation
+    latency = profile_latency(model, sim.latency_repeats, threads=int(sim.client_cpus))
+    include_global = "federated" in settings.init.inits
+    return Prepared(
+        plan=RunPlan(settings, str(path), spec.architecture(), latency),
+        users=partition_users(population, include_global),
+        num_held_out=len(population.held_out_users),
+        cost_table=cost_table(model),
+        population=population.describe(),
+        training={
+            "checkpoint": str(path),
+            "epoch_loss": history["epoch_loss"],
+            "train_seconds": history["seconds"],
+        },
+        timings={"data_s": data_s, "global_model_s": global_model_s},
+    )
+
+
+def initial_exits(plan: RunPlan, init: str) -> dict[str, torch.Tensor]:
+    """The exit weights an init starts from: central training (global) or a random init from
+    the seed (federated rounds and scratch)."""
+    if init == "global":
+        model, _ = load_model(plan.checkpoint)
+        return model.exits.state_dict()
+    arch = {**plan.architecture, "input_shape": tuple(plan.architecture["input_shape"])}
+    return build_multi_exit(MultiExitSpec(**arch), seed=plan.settings.seed).exits.state_dict()
