@@ -5,6 +5,7 @@ from torch.utils.data import TensorDataset
 from fedexits.engine import TrainConfig, load_model, measure_latency, peak_memory_mb, train_global
 from fedexits.engine.checkpoint import save_checkpoint
 from fedexits.engine.profiling import latency_costs
+from fedexits.errors import CheckpointError
 from fedexits.models import build_multi_exit
 
 from .conftest import make_tiny_model, make_user
@@ -81,7 +82,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     other = build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=0.25, num_exits=3)
     with pytest.raises(ValueError, match=r"another architecture \(num_exits: checkpoint 4 vs model 3\)"):
         load_model(path, spec=other.spec)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[:1000])  # truncated
