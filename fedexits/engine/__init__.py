@@ -3,6 +3,7 @@ everything is usable from a notebook."""
 
 from .calibration import THRESHOLDS, Calibration, ExitCosts, apply_calibration, calibrate, pareto_front, sweep
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .export import export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
     dynamic_inference,
@@ -11,7 +12,9 @@ from .inference import (
     fixed_exit_inference,
     fold_batchnorm,
 )
+from .latency import RUNTIMES, LatencySettings, profile_exit_latency
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
+from .onnx_runtime import OnnxEarlyExit
 from .personalise import (
     METHODS,
     PRESETS,
@@ -24,6 +27,7 @@ from .personalise import (
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
 from .protocol import UserProtocol, run_user
+from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_exits
 from .train import TrainConfig, train_global
 
 __all__ = [
@@ -34,5 +38,7 @@ __all__ = [
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
-    "train_global",
+    "train_global", "export_onnx", "export_user", "read_manifest", "RUNTIMES", "LatencySettings",
+    "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits", "exits_file", "load_exits",
+    "save_exits",
 ]  # fmt: skip
