@@ -166,7 +166,7 @@ def test_dynamo_exporter_matches(model, tmp_path):
         model.exits[0],
         torch.randn(3, *model.attach_point_features(torch.zeros(1, 1, 28, 28))[0].shape[1:]),
     )
-    export_graph(head, features, tmp_path / "head.onnx", dynamo=True)
+    export_graph(head, features, tmp_path / "head.onnx", exporter="dynamo")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(tmp_path / "head.onnx"), providers=["CPUExecutionProvider"])
@@ -218,6 +218,10 @@ def test_bad_thresholds_and_settings(model, exports, tmp_path):
         export_onnx(model, tmp_path / "out", [0.5, 0.5])
     with pytest.raises(SettingsError, match="active_exits must be 3 booleans"):
         export_onnx(model, tmp_path / "out", 0.5, [True])
+    with pytest.raises(
+        SettingsError, match=r"exporter must be one of \['torchscript', 'dynamo'\], got 'jit'"
+    ):
+        export_onnx(model, tmp_path / "out", 0.5, exporter="jit")
     with pytest.raises(
         SettingsError, match=r"latency runtime must be one of \['onnxruntime', 'eager'\], got 'tvm'"
     ):

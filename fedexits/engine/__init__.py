@@ -3,7 +3,7 @@ everything is usable from a notebook."""
 
 from .calibration import THRESHOLDS, Calibration, ExitCosts, apply_calibration, calibrate, pareto_front, sweep
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
-from .export import export_onnx, export_user, read_manifest
+from .export import ExportSettings, export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
     dynamic_inference,
@@ -38,7 +38,7 @@ __all__ = [
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
-    "train_global", "export_onnx", "export_user", "read_manifest", "RUNTIMES", "LatencySettings",
-    "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits", "exits_file", "load_exits",
-    "save_exits",
+    "train_global", "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
+    "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",
+    "exits_file", "load_exits", "save_exits",
 ]  # fmt: skip

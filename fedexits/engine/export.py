@@ -22,6 +22,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,27 @@ MANIFEST = "manifest.json"
 OPSET = 18
 INPUT, OUTPUT = "input", "output"  # every graph has one input and one output, batch first
 GRAPH_KINDS = ("segments", "exits", "classifier", "truncated")
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a model becomes ONNX graphs.
+
+    `exporter`: torch's TorchScript-based exporter exports these small convolutional graphs ~10x
+    faster than the torch.export-based one ("dynamo": 0.3-0.8 s vs 3-8 s per graph here, which
+    matters for a latency profile per run and an export per user) with the same outputs; it is
+    deprecated since torch 2.9, so "dynamo" is the way forward once it is removed."""
+
+    fold_bn: bool = True  # fold BatchNorm into the convolutions first, as a device deploys it
+    opset: int = OPSET
+    exporter: str = "torchscript"  # or "dynamo"
+
+    def __post_init__(self):
+        if self.exporter not in EXPORTERS:
+            raise SettingsError(f"export exporter must be one of {list(EXPORTERS)}, got {self.exporter!r}")
+        if not (isinstance(self.opset, int) and self.opset >= 7):
+            raise SettingsError(f"export opset must be an integer >= 7, got {self.opset!r}")
 
 
 def graph_modules(model) -> dict[str, list[nn.Module]]:
@@ -64,17 +86,12 @@ def graph_file(kind: str, index: int) -> str:
 
 
 def export_graph(
-    module: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET, dynamo: bool = False
-):
-    """One module as one ONNX graph with a dynamic batch dimension.
-
-    The TorchScript-based exporter (`dynamo=False`, the default) exports these small convolutional
-    graphs ~10x faster than the torch.export-based one (0.3-0.8 s vs 3-8 s per graph here, which
-    matters for a profile per run and an export per user) and gives the same outputs; it is
-    deprecated in torch 2.9+, so `dynamo=True` is the way forward once it is removed."""
+    module: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET, exporter: str = "torchscript"
+) -> None:
+    """One module as one ONNX graph with a dynamic batch dimension (see `ExportSettings`)."""
     module.eval()
     common = dict(input_names=[INPUT], output_names=[OUTPUT], opset_version=opset)
-    if dynamo:
+    if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1)
         torch.onnx.export(
             module,
@@ -142,23 +159,22 @@ def export_onnx(
     out_dir: str | Path,
     thresholds: float | Sequence[float | None] | None = None,
     active_exits: Sequence[bool] | None = None,
-    *,
-    fold_bn: bool = True,
-    opset: int = OPSET,
-    dynamo: bool = False,
+    settings: ExportSettings | None = None,
     metadata: dict | None = None,
+    **overrides,
 ) -> Path:
     """Export `model` (shared backbone and classifier plus one user's exits) to `out_dir`.
 
     `thresholds`: one for all exits or one per early exit (None/NaN: off), typically a
-    calibration's `threshold` with its `active_exits`; None exports no early exit. `fold_bn`
-    folds BatchNorm into the convolutions first, as a device deploys it. `metadata`: plain data
+    calibration's `threshold` with its `active_exits`; None exports no early exit. `settings`
+    (or keyword overrides such as `fold_bn=False`): see `ExportSettings`. `metadata`: plain data
     stored in the manifest (user, source files...). Returns the manifest's path."""
+    settings = replace(settings or ExportSettings(), **overrides)
     out_dir = Path(out_dir)
     per_exit = user_thresholds(thresholds, active_exits, model.num_exits)
     _check_out_dir(out_dir)
     table = cost_table(model)
-    deployed = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    deployed = fold_batchnorm(model) if settings.fold_bn else copy.deepcopy(model).eval()
     modules = graph_modules(deployed)
     x = torch.zeros(2, *model.input_shape)  # batch 2, so no exporter specialises the batch to 1
     with torch.no_grad():
@@ -177,7 +193,7 @@ def export_onnx(
             graphs[kind] = []
             for index, (module, example) in enumerate(zip(modules[kind], examples[kind])):
                 name = graph_file(kind, index)
-                export_graph(module, example, tmp / name, opset, dynamo)
+                export_graph(module, example, tmp / name, settings.opset, settings.exporter)
                 graphs[kind].append(name)
                 checksums[name] = sha256(tmp / name)
         manifest = {
@@ -193,9 +209,9 @@ def export_onnx(
             "sha256": checksums,
             "input_name": INPUT,
             "output_name": OUTPUT,
-            "opset": opset,
-            "exporter": "dynamo" if dynamo else "torchscript",
-            "batchnorm_folded": fold_bn,
+            "opset": settings.opset,
+            "exporter": settings.exporter,
+            "batchnorm_folded": settings.fold_bn,
             "versions": {"torch": torch.__version__, "onnx": _onnx_version()},
             "metadata": metadata or {},
         }
@@ -207,11 +223,9 @@ def export_onnx(
     return out_dir / MANIFEST
 
 
-def _onnx_version() -> str | None:
-    try:
-        import onnx
-    except ImportError:  # the TorchScript-based exporter does not need the onnx package
-        return None
+def _onnx_version() -> str:
+    import onnx  # only for its version: imported here, it costs nothing to who does not export
+
     return onnx.__version__
 
 
@@ -219,13 +233,12 @@ def export_user(
     checkpoint: str | Path,
     exits_file: str | Path,
     out_dir: str | Path,
-    *,
-    fold_bn: bool = True,
-    opset: int = OPSET,
-    dynamo: bool = False,
+    settings: ExportSettings | None = None,
+    **overrides,
 ) -> Path:
     """A run's global checkpoint plus one user's saved exits (`save_exits`) as an ONNX export
     with that user's threshold and active exits. Returns the manifest's path."""
+    settings = replace(settings or ExportSettings(), **overrides)
     model, _ = load_model(checkpoint)
     saved = load_exits(exits_file)
     apply_exits(model, saved)
@@ -235,10 +248,8 @@ def export_user(
         out_dir,
         saved.threshold,
         saved.active_exits,
-        fold_bn=fold_bn,
-        opset=opset,
-        dynamo=dynamo,
-        metadata=metadata,
+        settings,
+        metadata,
     )
 
 
