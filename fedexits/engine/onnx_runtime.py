@@ -106,7 +106,7 @@ class OnnxEarlyExit:
             thresholds = self.thresholds
         thresholds = normalise_thresholds(thresholds, m)
         x = self.as_input(x)
-        costs = self.flops.per_exit([t is not None for t in thresholds]).float()
+        costs = self.costs_per_exit(tuple(t is not None for t in thresholds))
         n = len(x)
         predictions = np.empty(n, dtype=np.int64)
         exit_taken = np.empty(n, dtype=np.int64)
@@ -134,6 +134,11 @@ class OnnxEarlyExit:
         return EarlyExitOutput(
             torch.from_numpy(predictions), exit_taken, torch.from_numpy(confidence), costs[exit_taken]
         )
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (a few patterns per runner; at batch 1 it counts)
+    def costs_per_exit(self, active: tuple[bool, ...]) -> torch.Tensor:
+        """MFLOPs of a sample leaving at each exit 0..M when the `active` early exits run."""
+        return self.flops.per_exit(active).float()
 
     def fixed_exit_inference(self, x, exit_index: int, batch_size: int = 256) -> torch.Tensor:
         """Logits of the network truncated at `exit_index` (M = full network), one graph."""
