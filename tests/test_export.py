@@ -115,15 +115,10 @@ def test_every_graph_matches_pytorch(model, images, exports, fold_bn):
         assert (one - expected[-1][:1]).abs().max() < TOLERANCE
 
 
-def test_runtime_dynamic_inference_matches_pytorch(model, images, thresholds, exports):
-    runner = OnnxEarlyExit(exports[False][0])
-    table = cost_table(model)
-    reference = dynamic_inference(model, images, thresholds, table, batch_size=16)
-    out = runner.dynamic_inference(images, batch_size=16)  # the manifest's thresholds
-    assert len(set(reference.exit_taken.tolist())) >= 3, "thresholds should spread the exits"
-    with torch.no_grad():
-        confidence = torch.stack(model(images)[:-1]).softmax(-1).max(-1).values
-    near = torch.zeros(len(images), dtype=torch.bool)
+def assert_same_exits(out, reference, confidence, thresholds):
+    """Same exit and prediction for every sample, except those whose confidence at an active
+    exit is within TOLERANCE of its threshold (a rounding difference may tip them)."""
+    near = torch.zeros(len(confidence[0]), dtype=torch.bool)
     for k, t in enumerate(thresholds):
         if t is not None:
             near |= (confidence[k] - t).abs() < TOLERANCE
@@ -132,7 +127,27 @@ def test_runtime_dynamic_inference_matches_pytorch(model, images, thresholds, ex
     same = ~differ
     assert torch.equal(out.mflops[same], reference.mflops[same])
     assert (out.confidence[same] - reference.confidence[same]).abs().max() < TOLERANCE
+
+
+def test_runtime_dynamic_inference_matches_pytorch(model, images, thresholds, exports):
+    runner = OnnxEarlyExit(exports[False][0])
+    table = cost_table(model)
+    with torch.no_grad():
+        confidence = torch.stack(model(images)[:-1]).softmax(-1).max(-1).values
+    reference = dynamic_inference(model, images, thresholds, table, batch_size=16)
+    assert len(set(reference.exit_taken.tolist())) >= 3, "thresholds should spread the exits"
+    # the manifest's exits: its stage graphs
+    out = runner.dynamic_inference(images, batch_size=16)
+    assert len(runner.manifest["graphs"]["stages"]) == sum(t is not None for t in thresholds) + 1
+    assert_same_exits(out, reference, confidence, thresholds)
     assert out.exit_taken.dtype == torch.long and out.mflops.shape == (len(images),)
+    # other exits: the per-attach-point segments and heads
+    ordered = confidence[1].sort().values
+    others = [None, float(ordered[len(ordered) // 2 : len(ordered) // 2 + 2].mean()), None]
+    reference = dynamic_inference(model, images, others, table)
+    out = runner.dynamic_inference(images, others, batch_size=7)
+    assert_same_exits(out, reference, confidence, others)
+    assert set(reference.exit_taken.tolist()) == {1, NUM_EXITS}
 
     no_exit = runner.dynamic_inference(images, thresholds=None)
     assert (no_exit.exit_taken == NUM_EXITS).all()

@@ -9,7 +9,7 @@ softmax exceeds its threshold; samples that left are dropped from the batch).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +80,16 @@ class OnnxEarlyExit:
 
     def run(self, kind: str, index: int, x: np.ndarray) -> np.ndarray:
         """Run one graph (`kind` as in the manifest's `graphs`) on a float32 batch."""
+        return self.run_all(kind, index, x)[0]
+
+    def run_all(self, kind: str, index: int, x: np.ndarray) -> list[np.ndarray]:
+        """Every output of one graph (stages have several)."""
         key = (kind, index)
         if key not in self._runs:
             path = self.directory / self.manifest["graphs"][kind][index]
             session = ort.InferenceSession(str(path), self.options, providers=self.providers)
             self._runs[key] = functools.partial(session.run, None)
-        return self._runs[key]({INPUT: x})[0]
+        return self._runs[key]({INPUT: x})
 
     def as_input(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """A C-contiguous float32 array of the export's input shape."""
@@ -106,7 +110,8 @@ class OnnxEarlyExit:
             thresholds = self.thresholds
         thresholds = normalise_thresholds(thresholds, m)
         x = self.as_input(x)
-        costs = self.costs_per_exit(tuple(t is not None for t in thresholds))
+        active = tuple(t is not None for t in thresholds)
+        steps, costs = self.steps(active), self.costs_per_exit(active)
         n = len(x)
         predictions = np.empty(n, dtype=np.int64)
         exit_taken = np.empty(n, dtype=np.int64)
@@ -114,26 +119,43 @@ class OnnxEarlyExit:
         for start in range(0, n, batch_size):
             h = x[start : start + batch_size]
             alive = np.arange(start, start + len(h))
-            for k in range(m):
-                h = self.run("segments", k, h)
-                if thresholds[k] is None:
-                    continue
-                conf, pred = top1(self.run("exits", k, h))
-                leave = conf > thresholds[k]
+            for k, step in steps:
+                h, conf, pred = step(h)
+                leave = conf > thresholds[k] if k < m else np.ones(len(alive), dtype=bool)
                 if leave.any():
                     ids = alive[leave]
                     predictions[ids], exit_taken[ids], confidence[ids] = pred[leave], k, conf[leave]
                     stay = ~leave
-                    h, alive = h[stay], alive[stay]
-                    if len(alive) == 0:
+                    if not stay.any():
                         break
-            if len(alive):
-                conf, pred = top1(self.run("classifier", 0, self.run("segments", m, h)))
-                predictions[alive], exit_taken[alive], confidence[alive] = pred, m, conf
+                    h, alive = h[stay], alive[stay]
         exit_taken = torch.from_numpy(exit_taken)
         return EarlyExitOutput(
             torch.from_numpy(predictions), exit_taken, torch.from_numpy(confidence), costs[exit_taken]
         )
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (a few patterns per runner)
+    def steps(self, active: tuple[bool, ...]) -> list[tuple[int, Callable]]:
+        """(exit, step) for each active exit and the final classifier; a step maps the features
+        where the previous one stopped to (features, top-1 softmax, class). The exits the
+        manifest deploys run as its stage graphs (one run per step); any other choice of exits
+        chains the per-attach-point segments and heads."""
+        exits = [k for k, on in enumerate(active) if on] + [self.num_exits]
+        if list(active) == self.manifest["active_exits"]:
+            return [(k, functools.partial(self._stage, i, k)) for i, k in enumerate(exits)]
+        firsts = [0] + [k + 1 for k in exits[:-1]]
+        return [(k, functools.partial(self._segments_then_head, first, k)) for first, k in zip(firsts, exits)]
+
+    def _stage(self, index: int, exit_index: int, h: np.ndarray):
+        outputs = self.run_all("stages", index, h)
+        return (None, *outputs) if exit_index == self.num_exits else outputs
+
+    def _segments_then_head(self, first: int, exit_index: int, h: np.ndarray):
+        for segment in range(first, exit_index + 1):
+            h = self.run("segments", segment, h)
+        if exit_index == self.num_exits:
+            return (None, *top1(self.run("classifier", 0, h)))
+        return (h, *top1(self.run("exits", exit_index, h)))
 
     @functools.lru_cache(maxsize=8)  # noqa: B019  (a few patterns per runner; at batch 1 it counts)
     def costs_per_exit(self, active: tuple[bool, ...]) -> torch.Tensor:
