@@ -1,9 +1,10 @@
 """An exported multi-exit model (`export.export_onnx`) run by ONNX Runtime, as a device runs it.
 
-Dynamic early exit is a host loop over the segment graphs: after each segment that ends at an
-active exit, that exit's head decides which samples leave; the others go on to the next
-segment. Same semantics and output as `inference.dynamic_inference` (first exit whose top-1
-softmax exceeds its threshold; samples that left are dropped from the batch).
+Dynamic early exit is a small host loop: one step per active exit, each running the backbone
+since the previous step and that exit's head; the samples whose top-1 softmax beats the
+threshold leave, the others go on (dropped from the batch as in `inference.dynamic_inference`,
+with the same semantics and output). The user's deployed exits run as the export's stage graphs
+(one graph per step); any other choice of thresholds chains the per-attach-point segments.
 """
 
 from __future__ import annotations
