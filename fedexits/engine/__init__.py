@@ -13,6 +13,7 @@ from .calibration import (
     sweep,
 )
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .export import ExportSettings, export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
     dynamic_inference,
@@ -21,7 +22,9 @@ from .inference import (
     fixed_exit_inference,
     fold_batchnorm,
 )
+from .latency import RUNTIMES, LatencySettings, profile_exit_latency
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
+from .onnx_runtime import OnnxEarlyExit
 from .personalise import (
     METHODS,
     PRESETS,
@@ -33,6 +36,7 @@ from .personalise import (
     personalise,
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
+from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_exits
 from .train import TRAIN_PRESETS, TrainConfig, train_global
 
 __all__ = [
@@ -43,6 +47,8 @@ __all__ = [
     "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
-    "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig",
-    "train_global",
+    "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
+    "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
+    "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",
+    "exits_file", "load_exits", "save_exits",
 ]  # fmt: skip

@@ -1,4 +1,6 @@
-"""Checkpoints: written atomically with the config that made them, read with weights_only=True."""
+"""Checkpoints: written atomically with the config that made them, read with weights_only=True.
+
+A missing, corrupt or mismatched file raises CheckpointError (one line naming the file)."""
 
 from __future__ import annotations
 
@@ -31,23 +33,28 @@ def save_checkpoint(path: str | Path, model, **extra) -> None:
     )
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def load_torch_file(path: str | Path, what: str, remedy: str = "delete it or give another path"):
+    """`torch.load(weights_only=True)` of a file the user names (`what`: "checkpoint", "exits
+    file"...); a missing, foreign or damaged file is a CheckpointError saying what to do."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     with open(path, "rb") as handle:
         is_zip = handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
     if not is_zip:
         raise CheckpointError(
-            f"checkpoint {path} is not a file written by torch.save; delete it or give another path"
+            f"{what} {path} is not a file written by torch.save; delete it or give another path"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or damaged archive: torch raises several types
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or damaged archive: torch raises a zoo of types
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}); "
-            "delete it to train the model again"
+            f"{what} {path} is truncated or corrupt ({type(exc).__name__}); {remedy}"
         ) from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    checkpoint = load_torch_file(path, "checkpoint", remedy="delete it to train the model again")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fedexits checkpoint (expected format {FORMAT})")
     return checkpoint

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SettingsError
 from .calibration import ExitCosts
 
 
@@ -30,10 +31,10 @@ def normalise_thresholds(thresholds, num_exits: int) -> list[float | None]:
         None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t) for t in thresholds
     ]
     if len(thresholds) != num_exits:
-        raise ValueError(f"expected {num_exits} thresholds (one per early exit), got {len(thresholds)}")
+        raise SettingsError(f"expected {num_exits} thresholds (one per early exit), got {len(thresholds)}")
     for t in thresholds:
         if t is not None and not 0.0 <= t <= 1.0:
-            raise ValueError(f"thresholds must be in [0, 1], got {t}")
+            raise SettingsError(f"thresholds must be in [0, 1], got {t}")
     return thresholds
 
 
