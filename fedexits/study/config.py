@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import CONFIG_CLASSES, parse_config
 from ..engine.calibration import CALIBRATION_PRESETS, CalibrationConfig
+from ..engine.latency import LatencySettings
 from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
 from ..engine.train import TRAIN_PRESETS, TrainConfig
 from ..errors import SettingsError, UserDataError, check_settings, config_error_line
@@ -119,8 +120,8 @@ class SimulationConfig:
     max_in_flight: int = 32  # messages pushed at once (bounds the driver's memory)
     timeout_s: float = 3600.0  # a user without a reply after this long is recorded as failed
     registration_timeout_s: float = 300.0
-    latency_repeats: int = 50  # per-exit latency: median of this many runs, measured once before Ray starts
     profile_memory: bool = False  # peak tensor memory of each personalisation (slows it ~2x)
+    save_exits: bool = False  # keep each user's exits and calibration under RUN_DIR/exits/ (for export)
     # A run with more failed users than this share (or with none ok) fails: its report is still
     # written, but its numbers describe a population other than the one asked for.
     max_failed_fraction: float = 0.1
@@ -136,7 +137,6 @@ class SimulationConfig:
                 ("max_in_flight", self.max_in_flight >= 1, "an integer >= 1"),
                 ("timeout_s", self.timeout_s > 0, "> 0 seconds"),
                 ("registration_timeout_s", self.registration_timeout_s > 0, "> 0 seconds"),
-                ("latency_repeats", self.latency_repeats >= 1, "an integer >= 1"),
                 ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1, "in [0, 1]"),
             ],
         )
@@ -157,6 +157,7 @@ class StudyConfig:
     init: InitConfig = field(default_factory=InitConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    latency: LatencySettings = field(default_factory=LatencySettings)  # measured once per run
 
     def __post_init__(self):
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))

@@ -15,7 +15,7 @@ import torch
 from rich.progress import track
 
 from ..data import Population, build_population
-from ..engine import PersonalisationConfig, load_model, personalise
+from ..engine import PersonalisationConfig, exits_file, load_model, personalise, save_exits
 from ..errors import UserDataError, one_line
 from ..models import cost_table
 from ..report.records import Failure, UserRecord
@@ -47,10 +47,7 @@ class Worker:
     def latency(self):
         """Per-exit latency: the profile measured once for the run, or (a real device without
         one) measured here once."""
-        profile = self.plan.latency
-        if profile is None:
-            sim = self.plan.settings.simulation
-            profile = profile_latency(self.model, sim.latency_repeats, threads=int(sim.client_cpus))
+        profile = self.plan.latency or profile_latency(self.model, self.plan.settings.latency)[0]
         return profile.costs()
 
     def load_exits(self, state: dict[str, torch.Tensor]) -> None:
@@ -79,6 +76,16 @@ class Worker:
             latency=self.latency,
             profile_memory=settings.simulation.profile_memory,
         )
+        if settings.simulation.save_exits and p.method == "exits" and self.plan.run_dir:
+            save_exits(
+                exits_file(self.plan.run_dir, user, init),
+                self.model,
+                result.threshold,
+                [bool(a) for a in result.active_exits],
+                user=user,
+                init=init,
+                accuracy_at_threshold=result.accuracy_at_threshold,
+            )
         return UserRecord(user, init, result, notes=list(data.notes))
 
     def train_user(self, user: str, exits: dict[str, torch.Tensor], server_round: int):
