@@ -24,6 +24,16 @@ from .personalise import (
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
 from .protocol import UserProtocol, run_user
+from .pruning import (
+    PRUNING_METHODS,
+    PruningConfig,
+    PruningResult,
+    evaluate_pruned,
+    final_network,
+    prune_agnostic,
+    prune_data,
+    prune_sweep,
+)
 from .train import TrainConfig, train_global
 
 __all__ = [
@@ -32,7 +42,9 @@ __all__ = [
     "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
     "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
-    "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
+    "finetune_full", "no_personalisation", "personalise", "PRUNING_METHODS", "PruningConfig",
+    "PruningResult", "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
+    "prune_sweep", "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
     "train_global",
 ]  # fmt: skip
