@@ -107,6 +107,9 @@ def test_sweep_reuses_one_ranking_across_levels(tiny_model):
         for layer, removed in low.pruned_channels.items():
             assert set(removed) <= set(high.pruned_channels[layer])
     assert len({r.importance_s for r in results}) == 1
+    # A level of a sweep is exactly what a single prune at that level gives.
+    single = prune_data(tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_flops_fraction=0.5))
+    assert same_state(state(single.network), state(results[1].network))
 
 
 def test_evaluation_reports_accuracy_flops_and_latency(tiny_model):

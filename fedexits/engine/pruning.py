@@ -151,22 +151,27 @@ def _training_set(network, x, y, labelled, pseudo_labels: bool):
     return x, targets, int((~labelled).sum())
 
 
-def _train(network, x, targets, config: PersonalisationConfig, epochs: int, generator) -> list[float]:
-    """Cross-entropy, the personalisation optimiser and batches; BatchNorm in training mode."""
+def _train(network, x, targets, config: PersonalisationConfig, epochs: int) -> list[float]:
+    """Cross-entropy, the personalisation optimiser and batches; BatchNorm in training mode.
+    Batch order and dropout are seeded by `config.seed` alone, so a level of a sweep trains
+    exactly as a single prune at that level."""
     optimizer = make_optimizer(network.parameters(), config)
     bounds = batch_bounds(len(x), config.batch_size)
     losses = []
-    for _ in range(epochs):
-        network.train()
-        order, total = torch.randperm(len(x), generator=generator), 0.0
-        for start, end in bounds:
-            idx = order[start:end]
-            loss = F.cross_entropy(network(x[idx]), targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        losses.append(total / len(bounds))
+    with torch.random.fork_rng():  # dropout draws from the global generator
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        for _ in range(epochs):
+            network.train()
+            order, total = torch.randperm(len(x), generator=generator), 0.0
+            for start, end in bounds:
+                idx = order[start:end]
+                loss = F.cross_entropy(network(x[idx]), targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            losses.append(total / len(bounds))
     network.eval()
     return losses
 
@@ -233,62 +238,59 @@ def prune_sweep(
         epochs -= pruning.finetune_epochs
     shape = tuple(model.input_shape)
 
-    with torch.random.fork_rng():  # dropout draws from the global generator
-        torch.manual_seed(retrain.seed)
-        generator = torch.Generator().manual_seed(retrain.seed)
-        started = time.perf_counter()
-        unpruned = final_network(model)
-        x_train, targets, n_pseudo = _training_set(unpruned, x, y, labelled, pruning.pseudo_labels)
-        if importance == "taylor":
-            scores = taylor_scores(unpruned, shape, x_train, targets, retrain.batch_size)
-        else:
-            if importance == "finetuned_magnitude":
-                _train(unpruned, x_train, targets, retrain, pruning.finetune_epochs, generator)
-            scores = magnitude_scores(unpruned, shape)
-        importance_s = time.perf_counter() - started
-        full_flops, full_params = flops_of(unpruned, shape), count_params(unpruned)
+    started = time.perf_counter()
+    unpruned = final_network(model)
+    x_train, targets, n_pseudo = _training_set(unpruned, x, y, labelled, pruning.pseudo_labels)
+    if importance == "taylor":
+        scores = taylor_scores(unpruned, shape, x_train, targets, retrain.batch_size)
+    else:
+        if importance == "finetuned_magnitude":
+            _train(unpruned, x_train, targets, retrain, pruning.finetune_epochs)
+        scores = magnitude_scores(unpruned, shape)
+    importance_s = time.perf_counter() - started
+    full_flops, full_params = flops_of(unpruned, shape), count_params(unpruned)
 
-        results = []
-        for level in levels:
-            started = time.perf_counter()
-            ratio = channel_ratio_for(unpruned, shape, level, _architecture_key(model))
-            network = copy.deepcopy(unpruned)
-            removed = prune_channels(network, shape, scores, ratio)
-            flops = flops_of(network, shape)
-            target = (1 - level) * full_flops
-            if abs(flops - target) > FLOPS_TOLERANCE * target:
-                raise SettingsError(
-                    f"pruning.prune_flops_fraction={level} cannot be reached within 10% on this network "
-                    f"(closest: {1 - flops / full_flops:.3f} of the FLOPs removed)"
-                )
-            prune_s = time.perf_counter() - started
-            started = time.perf_counter()
-            losses = _train(network, x_train, targets, retrain, epochs, generator)
-            recalibrate_batchnorm(network, x_train, retrain.batch_size)
-            retrain_s = time.perf_counter() - started
-            results.append(
-                PruningResult(
-                    method=method,
-                    seconds=importance_s + prune_s + retrain_s,
-                    n_train=len(x_train),
-                    n_val=0,
-                    epoch_losses=losses,
-                    network=network,
-                    importance=importance,
-                    prune_flops_fraction=level,
-                    flops_removed=1 - flops / full_flops,
-                    channel_ratio=ratio,
-                    mflops=flops / 1e6,
-                    mflops_unpruned=full_flops / 1e6,
-                    params=count_params(network),
-                    params_unpruned=full_params,
-                    n_pseudo=n_pseudo,
-                    importance_s=importance_s,
-                    prune_s=prune_s,
-                    retrain_s=retrain_s,
-                    pruned_channels=removed,
-                )
+    results = []
+    for level in levels:
+        started = time.perf_counter()
+        ratio = channel_ratio_for(unpruned, shape, level, _architecture_key(model))
+        network = copy.deepcopy(unpruned)
+        removed = prune_channels(network, shape, scores, ratio)
+        flops = flops_of(network, shape)
+        target = (1 - level) * full_flops
+        if abs(flops - target) > FLOPS_TOLERANCE * target:
+            raise SettingsError(
+                f"pruning.prune_flops_fraction={level} cannot be reached within 10% on this network "
+                f"(closest: {1 - flops / full_flops:.3f} of the FLOPs removed)"
             )
+        prune_s = time.perf_counter() - started
+        started = time.perf_counter()
+        losses = _train(network, x_train, targets, retrain, epochs)
+        recalibrate_batchnorm(network, x_train, retrain.batch_size)
+        retrain_s = time.perf_counter() - started
+        results.append(
+            PruningResult(
+                method=method,
+                seconds=importance_s + prune_s + retrain_s,
+                n_train=len(x_train),
+                n_val=0,
+                epoch_losses=losses,
+                network=network,
+                importance=importance,
+                prune_flops_fraction=level,
+                flops_removed=1 - flops / full_flops,
+                channel_ratio=ratio,
+                mflops=flops / 1e6,
+                mflops_unpruned=full_flops / 1e6,
+                params=count_params(network),
+                params_unpruned=full_params,
+                n_pseudo=n_pseudo,
+                importance_s=importance_s,
+                prune_s=prune_s,
+                retrain_s=retrain_s,
+                pruned_channels=removed,
+            )
+        )
     return results
 
 
