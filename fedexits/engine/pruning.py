@@ -85,7 +85,8 @@ class PruningConfig:
             ("finetune_epochs", self.finetune_epochs >= 1, "an integer >= 1"),
             ("retrain_epochs", self.retrain_epochs is None or self.retrain_epochs >= 0, "None or >= 0"),
             ("retrain_lr", self.retrain_lr is None or self.retrain_lr > 0, "None or > 0"),
-            ("retrain_batch_size", self.retrain_batch_size is None or self.retrain_batch_size >= 2, ">= 2"),
+            ("retrain_batch_size", self.retrain_batch_size is None or self.retrain_batch_size >= 2,
+             "None or >= 2"),
         ]  # fmt: skip
         for name, ok, expected in checks:
             if not ok:
