@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SettingsError, UserDataError
-from ..models.costs import count_params
+from ..models.costs import count_params, module_device
 from .channel_pruning import (
     FLOPS_TOLERANCE,
     channel_ratio_for,
@@ -140,7 +140,8 @@ def _check_prunable(model) -> None:
 @torch.no_grad()
 def predict(network: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     network.eval()
-    return torch.cat([network(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
+    device = module_device(network)
+    return torch.cat([network(x[s : s + batch_size].to(device)) for s in range(0, len(x), batch_size)])
 
 
 def _training_set(network, x, y, labelled, pseudo_labels: bool):
@@ -331,9 +332,9 @@ def evaluate_pruned(
     from torch.fx.experimental.optimization import fuse
 
     shape = tuple(x_test.shape[1:])
-    accuracy = (predict(network, x_test).argmax(1) == y_test).double().mean().item()
+    accuracy = (predict(network, x_test).argmax(1).cpu() == y_test.cpu()).double().mean().item()
     out = dict(accuracy=accuracy, mflops=flops_of(network, shape) / 1e6, params=count_params(network))
-    sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(module_device(network))
     networks = [network] + ([reference.eval()] if reference is not None else [])
     runs = [functools.partial(fuse(n), sample) for n in networks]
     latencies = interleaved_medians_ms(runs, repeats=latency_repeats)
