@@ -21,7 +21,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
-from fedexits.data.base import DataError, Population, UserData
+from fedexits.data.base import DataError, Population, UserData, UserDataError
 from fedexits.data.cache import CacheInvalid, build_once, cache_name
 from fedexits.data.config import ImageNetFolderConfig
 from fedexits.data.split import labelled_mask, rng_for, split_user
@@ -197,8 +197,6 @@ class ImageFolderPopulation(Population):
             [transforms.Resize(resize), transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()]
         )
         self.normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        if cfg.images_per_user < cfg.min_images:
-            raise DataError(f"images_per_user={cfg.images_per_user} is below min_images={cfg.min_images}")
         if "all" in self.index.roots:
             self._pools = self._split_single_folder()
         else:
@@ -284,7 +282,7 @@ class ImageFolderPopulation(Population):
             try:
                 images.append((transform or self.transform)(default_loader(path)))
             except (OSError, ValueError) as error:
-                raise DataError(f"unreadable image {path}: {error}") from None
+                raise UserDataError(f"unreadable image {path}: {error}") from None
         targets = torch.tensor([dataset.targets[i] for i in indices], dtype=torch.int64)
         empty = torch.empty(0, *self.input_shape)
         return (torch.stack(images) if images else empty), targets
@@ -294,7 +292,7 @@ class ImageFolderPopulation(Population):
             return self._user_rows[user_id]
         if user_id in self.global_users:
             return self._global_shard(user_id)
-        raise DataError(
+        raise UserDataError(
             f"unknown user {user_id!r}: imagenet_folder has users user_000.."
             f"user_{len(self.held_out_users) - 1:03d} and global_000.."
         )

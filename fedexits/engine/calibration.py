@@ -13,7 +13,32 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from ..errors import check_settings
+
 THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]
+
+
+@dataclass
+class CalibrationConfig:
+    """How each user's threshold is chosen (the command line's `calibration` section)."""
+
+    drop_tolerance_pp: float = 1.0  # accuracy drop allowed against the final exit
+    margin_z: float = 1.0  # standard errors added to the measured drop (0: none)
+    prune_exits: bool = True  # switch off exits that cost more than they save
+
+    def __post_init__(self):
+        check_settings(
+            "calibration",
+            self,
+            [
+                ("drop_tolerance_pp", self.drop_tolerance_pp >= 0, ">= 0 percentage points"),
+                ("margin_z", self.margin_z >= 0, ">= 0 standard errors"),
+            ],
+        )
+
+
+# Named settings (the command line's `calibration=NAME`): changes to the defaults above.
+CALIBRATION_PRESETS: dict[str, dict] = {"default": {}, "paper": dict(margin_z=0.0)}
 
 
 @dataclass(frozen=True)
