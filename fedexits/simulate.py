@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from .errors import FedexitsError, one_line
 from .report.files import atomic_write_text
 from .study.config import hydra_error_line, register_configs, to_study_config
+from .study.lifecycle import write_lifecycle_results
 from .study.prepare import prepare
 from .study.results import write_results
 
@@ -37,8 +38,11 @@ def simulate(settings, out_dir: str | Path) -> dict:
 
     started = time.perf_counter()
     prepared = prepare(settings, run_dir=out_dir)
-    outcome = run_in_simulation_engine(prepared)
+    lifecycle = settings.mode == "lifecycle"
+    outcome = run_in_simulation_engine(prepared, lifecycle=lifecycle)
     outcome.timings["total_s"] = time.perf_counter() - started
+    if lifecycle:  # users living through days: timeline.csv and its report (study/lifecycle.py)
+        return write_lifecycle_results(out_dir, prepared, outcome)
     return write_results(out_dir, prepared, outcome)
 
 

@@ -41,7 +41,7 @@ DRIFT_SCENARIOS = ("none", "labels", "writer", "both")
 MIN_CLASS_IMAGES = 2  # a class needs this many images to become popular under label drift
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamConfig:
     """days: days the run lasts; inputs_per_day: inputs arriving each day (every user);
     label_fraction: share of each day's inputs that carry a label (the rest are unlabelled, trained
@@ -54,13 +54,20 @@ class StreamConfig:
     eval_fraction: float = 0.5
 
     def __post_init__(self):
-        _check("stream.days", self.days, self.days >= 1, "an integer >= 1")
-        _check("stream.inputs_per_day", self.inputs_per_day, self.inputs_per_day >= 1, "an integer >= 1")
-        _check("stream.label_fraction", self.label_fraction, 0 <= self.label_fraction <= 1, "in [0, 1]")
-        _check("stream.eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1, "in [0, 1)")
+        _check("lifecycle.stream.days", self.days, self.days >= 1, "an integer >= 1")
+        _check(
+            "lifecycle.stream.inputs_per_day",
+            self.inputs_per_day,
+            self.inputs_per_day >= 1,
+            "an integer >= 1",
+        )
+        _check(
+            "lifecycle.stream.label_fraction", self.label_fraction, 0 <= self.label_fraction <= 1, "in [0, 1]"
+        )
+        _check("lifecycle.stream.eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1, "in [0, 1)")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DriftConfig:
     """scenario: none | labels | writer | both; share: probability that a user drifts (a seeded
     hash of the user); first_day..last_day: the day a drifted user's stream changes (seeded per
@@ -73,10 +80,12 @@ class DriftConfig:
 
     def __post_init__(self):
         ok = self.scenario in DRIFT_SCENARIOS
-        _check("drift.scenario", self.scenario, ok, f"one of {', '.join(DRIFT_SCENARIOS)}")
-        _check("drift.share", self.share, 0 <= self.share <= 1, "in [0, 1]")
-        _check("drift.first_day", self.first_day, self.first_day >= 1, "an integer >= 1")
-        _check("drift.last_day", self.last_day, self.last_day >= self.first_day, ">= drift.first_day")
+        _check("lifecycle.drift.scenario", self.scenario, ok, f"one of {', '.join(DRIFT_SCENARIOS)}")
+        _check("lifecycle.drift.share", self.share, 0 <= self.share <= 1, "in [0, 1]")
+        _check("lifecycle.drift.first_day", self.first_day, self.first_day >= 1, "an integer >= 1")
+        _check(
+            "lifecycle.drift.last_day", self.last_day, self.last_day >= self.first_day, ">= drift.first_day"
+        )
 
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
@@ -88,7 +97,8 @@ def check_drift_within(stream: StreamConfig, drift: DriftConfig) -> None:
     """A drift day must fall inside the run (days 1..days-1)."""
     if drift.scenario != "none" and drift.last_day > stream.days - 1:
         raise SettingsError(
-            f"drift.last_day must be <= stream.days - 1 = {stream.days - 1} (inside the run), "
+            f"lifecycle.drift.last_day must be <= lifecycle.stream.days - 1 = {stream.days - 1} "
+            f"(inside the run), "
             f"got {drift.last_day}"
         )
 

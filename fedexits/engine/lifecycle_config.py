@@ -13,12 +13,14 @@ from .personalise import PersonalisationConfig
 POLICIES = ("never", "once", "nightly", "orchestrator", "orchestrator+fedavg")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LifecycleConfig:
     """policies: which policies run (names from POLICIES); seed: streams, drift, exploration and
     personalisation seeds; buffer_size: inputs the device keeps for personalisation and
     calibration (the most recent); once_days: the days `once` (and the first calibration of
-    `never` and the orchestrators) use."""
+    `never` and the orchestrators) use; fig4_users / fig4_counts: the report's Fig. 4 (accuracy
+    of every exit against the number of personalisation samples), measured on that many of the
+    run's users (0: skip) at those sample counts."""
 
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     seed: int = 0
@@ -27,6 +29,8 @@ class LifecycleConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    fig4_users: int = 4
+    fig4_counts: list[int] = field(default_factory=lambda: [0, 10, 20, 30, 45, 60, 90, 120])
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -37,8 +41,14 @@ class LifecycleConfig:
             raise SettingsError(f"lifecycle.buffer_size must be an integer >= 2, got {self.buffer_size!r}")
         if not 1 <= self.once_days <= self.stream.days:
             raise SettingsError(
-                f"lifecycle.once_days must be in [1, stream.days={self.stream.days}], got {self.once_days!r}"
+                f"lifecycle.once_days must be in [1, lifecycle.stream.days={self.stream.days}], "
+                f"got {self.once_days!r}"
             )
+        if self.fig4_users < 0:
+            raise SettingsError(f"lifecycle.fig4_users must be an integer >= 0, got {self.fig4_users!r}")
+        if not self.fig4_counts or min(self.fig4_counts) < 0:
+            raise SettingsError(f"lifecycle.fig4_counts must be sample counts >= 0, got {self.fig4_counts!r}")
+        self.policies, self.fig4_counts = list(self.policies), list(self.fig4_counts)
         check_drift_within(self.stream, self.drift)
 
 

@@ -39,7 +39,7 @@ from ..errors import SettingsError
 SD_FLOOR = 0.25  # nats: a calibration spread below this is treated as this (no division by ~0)
 
 
-@dataclass(frozen=True)
+@dataclass
 class OrchestratorConfig:
     """Parameters of the Orchestrator; the module docstring says what each rule does."""
 
@@ -66,7 +66,9 @@ class OrchestratorConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise SettingsError(f"orchestrator.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise SettingsError(
+                    f"lifecycle.orchestrator.{name} must be {expected}, got {getattr(self, name)!r}"
+                )
 
 
 def _empty_images(image_shape) -> np.ndarray:

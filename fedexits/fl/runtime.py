@@ -41,13 +41,18 @@ def backend_config(prepared: Prepared) -> dict:
     }
 
 
-def run_in_simulation_engine(prepared: Prepared) -> RunOutcome:
-    """Run the study with one Flower virtual client per user (Ray backend) in this process."""
+def run_in_simulation_engine(prepared: Prepared, lifecycle: bool = False) -> RunOutcome:
+    """Run the study with one Flower virtual client per user (Ray backend) in this process;
+    `lifecycle`: the lifecycle mode's apps (a LifecycleOutcome comes back)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from .client_app import app as client_app
-    from .server_app import make_server_app
+    if lifecycle:
+        from .lifecycle_client import app as client_app
+        from .lifecycle_server import make_lifecycle_server_app as make_server_app
+    else:
+        from .client_app import app as client_app
+        from .server_app import make_server_app
 
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower prints its own INFO lines once

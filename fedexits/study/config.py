@@ -23,6 +23,7 @@ from ..data.config import CONFIG_CLASSES, parse_config
 from ..engine.calibration import CALIBRATION_PRESETS, CalibrationConfig
 from ..engine.device import check_device_name
 from ..engine.latency import LatencySettings
+from ..engine.lifecycle_config import LifecycleConfig, check_buffer
 from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
 from ..engine.train import TRAIN_PRESETS, TrainConfig
 from ..errors import SettingsError, UserDataError, check_settings, config_error_line
@@ -30,6 +31,7 @@ from ..models import MODEL_PRESETS, ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 INITS = ("global", "federated", "scratch")
+MODES = ("protocol", "lifecycle")  # one-shot personalisation, or users living through days
 
 
 @dataclass
@@ -160,9 +162,20 @@ class StudyConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     latency: LatencySettings = field(default_factory=LatencySettings)  # measured once per run
+    mode: str = "protocol"  # protocol | lifecycle (+experiment=lifecycle; study/lifecycle.py)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)  # used in lifecycle mode
 
     def __post_init__(self):
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        if self.mode not in MODES:
+            raise SettingsError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "lifecycle":  # exits only are personalised; a night needs a full batch
+            if self.personalisation.method != "exits":
+                raise SettingsError(
+                    "personalisation.method must be exits in lifecycle mode, "
+                    f"got {self.personalisation.method!r}"
+                )
+            check_buffer(self.lifecycle, self.personalisation)
         check_device_name(self.device)
         self.dataset = parse_config(self.dataset)
         p = self.personalisation
