@@ -224,14 +224,14 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
 @pytest.mark.parametrize(
     "make, name",
     [
-        (lambda: OrchestratorConfig(p_expl=1.5), "orchestrator.p_expl"),
-        (lambda: OrchestratorConfig(p_expl=-0.1), "orchestrator.p_expl"),
-        (lambda: StreamConfig(days=0), "stream.days"),
-        (lambda: StreamConfig(inputs_per_day=0), "stream.inputs_per_day"),
-        (lambda: LifecycleConfig(drift=DriftConfig(last_day=14)), "drift.last_day"),
+        (lambda: OrchestratorConfig(p_expl=1.5), "lifecycle.orchestrator.p_expl"),
+        (lambda: OrchestratorConfig(p_expl=-0.1), "lifecycle.orchestrator.p_expl"),
+        (lambda: StreamConfig(days=0), "lifecycle.stream.days"),
+        (lambda: StreamConfig(inputs_per_day=0), "lifecycle.stream.inputs_per_day"),
+        (lambda: LifecycleConfig(drift=DriftConfig(last_day=14)), "lifecycle.drift.last_day"),
         (lambda: LifecycleConfig(policies=["sometimes"]), "lifecycle.policies"),
         (lambda: LifecycleConfig(once_days=20, stream=StreamConfig(days=14)), "lifecycle.once_days"),
-        (lambda: DriftConfig(scenario="earthquake"), "drift.scenario"),
+        (lambda: DriftConfig(scenario="earthquake"), "lifecycle.drift.scenario"),
         (
             lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),
             "lifecycle.buffer_size",
