@@ -159,9 +159,6 @@ def write_lifecycle_results(out_dir: str | Path, prepared: Prepared, outcome: Li
     out.mkdir(parents=True, exist_ok=True)
     settings = prepared.plan.settings
     config = settings.lifecycle
-    started = time.perf_counter()
-    fig4 = fig4_curves(prepared, outcome.users[: config.fig4_users])
-    outcome.timings["fig4_s"] = time.perf_counter() - started
     details = pd.DataFrame(outcome.rows)
     if len(details):
         order = {p: i for i, p in enumerate(config.policies)}
@@ -175,6 +172,9 @@ def write_lifecycle_results(out_dir: str | Path, prepared: Prepared, outcome: Li
     atomic_write_csv(details[TIMELINE_COLUMNS], out / "timeline.csv")
     atomic_write_csv(details, out / "lifecycle_details.csv")
     atomic_write_csv(failures, out / "lifecycle_failures.csv")
+    started = time.perf_counter()  # after the timeline is safe on disk: Fig. 4 trains again
+    fig4 = fig4_curves(prepared, outcome.users[: config.fig4_users])
+    outcome.timings["fig4_s"] = time.perf_counter() - started
     atomic_write_csv(fig4, out / "fig4.csv")
     failed_users = set(failures.user)  # a user who failed on some day, under some policy
     share = len(failed_users) / max(1, len(outcome.users))
