@@ -120,6 +120,7 @@ def test_two_days_through_flower_keep_each_users_state_in_context(tmp_path):
     out = tmp_path / "run"
     overrides = [
         "mode=lifecycle",
+        "dataset.num_writers=9",  # 4 global writers: the global model only needs to exist
         "simulation.num_users=null",
         "simulation.max_failed_fraction=0.5",
         "global_training.epochs=1",
