@@ -105,7 +105,7 @@ def test_bad_stream_settings_give_one_line(make, names):
 
 def test_a_drift_day_outside_the_run_is_refused():
     population = SquaresPopulation(num_users=2, images=20)
-    with pytest.raises(SettingsError, match="lifecycle.drift.last_day must be <= lifecycle.stream.days - 1 = 4"):
+    with pytest.raises(SettingsError, match="drift.last_day must be <= lifecycle.stream.days - 1 = 4"):
         stream(population, drift=DriftConfig(scenario="writer", first_day=3, last_day=5), days=5)
 
 
