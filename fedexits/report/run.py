@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedexits.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from fedexits.report.federated import (
+    FEDERATED_CSV,
+    FEDERATED_PNG,
+    budget_section,
+    federated_section,
+    plot_federated_curve,
+)
+from fedexits.report.files import atomic_write_csv, atomic_write_json, atomic_write_text, to_jsonable
 from fedexits.report.markdown import render_run_report
 from fedexits.report.plots import (
     CDF_PNG,
@@ -60,10 +67,14 @@ def write_run_report(
     failures: pd.DataFrame | None,
     meta: dict | None,
     cost_table: pd.DataFrame | None = None,
+    federated: pd.DataFrame | None = None,
+    budget: pd.DataFrame | None = None,
 ) -> dict:
     """Write per_user.csv, thresholds.csv, sweep.csv, failures.csv (header even when empty),
-    cost_table.csv (when given), the figures, report.md and summary.json into `run_dir`; return
-    the summary dict.
+    cost_table.csv (when given), federated.csv (`federated`: one row per round, see
+    `fedexits.study.budget`), the figures, report.md and summary.json into `run_dir`; return the
+    summary dict. `budget` (per init: samples and FLOPs that trained the exits) goes into the
+    report and summary.json.
 
     Raises ValueError naming the missing columns if a table lacks a required column (after the
     CSVs are written, so the raw results are kept).
@@ -76,12 +87,16 @@ def write_run_report(
         atomic_write_csv(frames[name], run_dir / file_name)
     if cost_table is not None:
         atomic_write_csv(cost_table, run_dir / COST_TABLE_CSV)
+    if federated is not None:
+        atomic_write_csv(federated, run_dir / FEDERATED_CSV)
 
     per_user, thresholds, sweep = frames["per_user"], frames["thresholds"], frames["sweep"]
     require_columns(per_user, REQUIRED_PER_USER, "per_user")
     require_columns(thresholds, REQUIRED_THRESHOLDS, "thresholds")
     require_columns(sweep, REQUIRED_SWEEP, "sweep")
     summary = summarise(per_user, thresholds, frames["failures"], meta)
+    if budget is not None:
+        summary["budget"] = to_jsonable(budget.to_dict("records"))
 
     figures = {
         "Per-user accuracy CDF per exit, before and after personalisation (Fig. 3b)": plot_accuracy_cdf(
@@ -94,6 +109,14 @@ def write_run_report(
             sweep, per_user, run_dir / LATENCY_PNG
         ).name,
     }
+    meta = meta or {}
+    history = meta.get("federated_history")
+    federated_figure = None
+    if federated is not None:
+        central = next((r["samples"] for r in summary.get("budget", []) if r["init"] == "global"), None)
+        reference = (history or {}).get("reference")
+        federated_figure = plot_federated_curve(federated, reference, central, run_dir / FEDERATED_PNG).name
+    sections = budget_section(budget) + federated_section(history, federated, federated_figure)
     report = render_run_report(
         summary,
         exit_table(per_user),
@@ -102,7 +125,9 @@ def write_run_report(
         figures,
         data_files=[file_name for file_name, _ in _CSV_FILES.values()]
         + ([COST_TABLE_CSV] if cost_table is not None else [])
+        + ([FEDERATED_CSV] if federated is not None else [])
         + [SUMMARY_JSON],
+        sections=sections,
     )
     atomic_write_text(run_dir / REPORT_MD, report)
     atomic_write_json(summary, run_dir / SUMMARY_JSON)

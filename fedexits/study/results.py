@@ -14,13 +14,14 @@ from pathlib import Path
 from ..report import write_run_report
 from ..report.records import UserRecord
 from ..report.results import build_frames
+from .budget import budget_table, federated_frame
 from .prepare import Prepared
 
 
 @dataclass
 class RunOutcome:
     records: list[UserRecord]
-    federated: dict | None = None  # federated exit training: loss per round, failed clients
+    federated: dict | None = None  # federated exit training: every round, evaluations, failures
     timings: dict = field(default_factory=dict)
 
 
@@ -70,9 +71,13 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         "latency_runtime": None if prepared.plan.latency is None else prepared.plan.latency.runtime,
         "inits": settings.init.inits,
         "global_training": {**asdict(settings.global_training), **prepared.training},
-        "federated": outcome.federated,
+        "federated": asdict(settings.federated) if "federated" in settings.init.inits else None,
+        "federated_history": outcome.federated,
         "timings": {**prepared.timings, **outcome.timings},
     }
+    federated = (
+        None if outcome.federated is None else federated_frame(outcome.federated, prepared.flops_per_image)
+    )
     return write_run_report(
         out_dir,
         frames["per_user"],
@@ -81,4 +86,6 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         frames["failures"],
         meta,
         cost_table=prepared.cost_table,
+        federated=federated,
+        budget=budget_table(settings, prepared.training, prepared.flops_per_image, outcome.federated),
     )
