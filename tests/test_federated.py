@@ -93,6 +93,20 @@ def test_local_training_on_cached_features_is_personalisation_with_labels_only()
     assert any(not torch.equal(t, results["cached"][n]) for n, t in state(start.exits).items())
 
 
+def test_workers_sharing_a_feature_store_run_their_own_exits():
+    """Features kept by one worker (another model object, the same backbone) serve another: the
+    evaluation runs the caller's exits, not those of the model that computed the features."""
+    first, second = make_worker(), make_worker()
+    second.features = first.features
+    trained = state(first.model.exits)
+    random_exits = state(make_tiny_model(seed=3, pretrained=False).exits)
+    _, with_trained = first.evaluate_exits("g0", trained)
+    _, shared = second.evaluate_exits("g0", random_exits)
+    _, alone = make_worker().evaluate_exits("g0", random_exits)
+    assert shared == alone and shared != with_trained
+    assert first.population.loaded == ["g0"] and not second.population.loaded
+
+
 def test_the_proximal_term_keeps_local_exits_near_the_round_weights():
     x, y = make_user(n=48, seed=4, shift=5)
     distances = {}

@@ -108,12 +108,15 @@ class FrozenFeatures:
         return features, self.final_logits[index]
 
     @torch.no_grad()
-    def exit_probabilities(self) -> torch.Tensor:
+    def exit_probabilities(self, model=None) -> torch.Tensor:
         """Softmax of every exit over all samples, (M+1, N, classes), with the exits as they are
-        now: re-evaluating after personalisation costs only the heads."""
-        self.model.exits.eval()
+        now: re-evaluating after personalisation costs only the heads. `model`: whose exits to
+        run (default: the model that computed the features; another copy with the same backbone
+        works, e.g. another worker's)."""
+        model = model or self.model
+        model.exits.eval()
         features, final_logits = self.batch(torch.arange(len(self.x)))
-        return torch.stack(self.model.heads_forward(features) + [final_logits]).softmax(dim=-1)
+        return torch.stack(model.heads_forward(features) + [final_logits]).softmax(dim=-1)
 
 
 class FeatureStore:

@@ -128,11 +128,12 @@ def to_record(init: str, user: str, reply: Message) -> UserRecord:
     return UserRecord(user, init, failure=Failure(kind, f"user {user}: {reply_reason(reason)}"))
 
 
-def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int]):
+def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int], evaluate_fn=None):
     """Federated exit training (backbone frozen) from a random init with Flower's strategy across
     the training clients of the global population, evaluated every few rounds on the evaluation
     clients (global users that never train; never held-out users). Returns the exit weights and
-    the record of every round (read by `fedexits.study.budget`)."""
+    the record of every round (read by `fedexits.study.budget`). `evaluate_fn(round, arrays)`
+    is Flower's server-side evaluation (experiments; its metrics go to `server_evaluations`)."""
     plan = prepared.plan
     settings = plan.settings
     fed, sim = settings.federated, settings.simulation
@@ -171,6 +172,7 @@ def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int]):
         train_config=ConfigRecord({"plan": plan_json}),
         evaluate_config=ConfigRecord({"plan": plan_json}),
         timeout=sim.timeout_s,
+        evaluate_fn=evaluate_fn,
     )
     if not result.train_metrics_clientapp:
         first = reply_reason(strategy.errors[0][1]) if strategy.errors else "no replies"
@@ -196,6 +198,7 @@ def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int]):
         ],
         "evaluations": {r: _accuracies(m) for r, m in sorted(evaluations.items()) if m is not None},
         "reference": None if reference is None else _accuracies(reference),
+        "server_evaluations": {r: dict(m) for r, m in sorted(result.evaluate_metrics_serverapp.items())},
         "failures": [{"round": r, "stage": "train", "error": reply_reason(e)} for r, e in strategy.errors]
         + [{"round": r, "stage": "evaluate", "error": reply_reason(e)} for r, e in strategy.eval_errors],
     }

@@ -130,7 +130,7 @@ class Worker:
         over all its images (the final exit's last). Returns (images, accuracies)."""
         features, labels, _ = self.client_features(user)
         self.load_exits(exits)
-        return len(labels), exit_accuracies(features.exit_probabilities(), labels)
+        return len(labels), exit_accuracies(features.exit_probabilities(self.model), labels)
 
     @functools.cached_property
     def held_out(self) -> frozenset[str]:
