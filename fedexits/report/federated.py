@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from fedexits.report.files import atomic_save_figure
 from fedexits.report.markdown import count, markdown_table, number, percent
@@ -38,49 +40,50 @@ def early_mean(accuracy: list[float]) -> float:
 
 
 def plot_federated_curve(
-    frame: pd.DataFrame, reference: dict | None, central_samples: int | None, path: Path
+    frame: pd.DataFrame, reference: dict | None, central: dict | None, path: Path
 ) -> Path:
-    """Mean early-exit accuracy on the evaluation clients against rounds and against samples
-    processed; the central exits on the same clients as a horizontal line (and, on the samples
-    axis, as a point at the samples central training processed)."""
+    """Mean early-exit accuracy on the evaluation clients against rounds, samples processed and
+    training TFLOPs; the central exits on the same clients as a horizontal line, and as a point at
+    what central training processed (`central`: its budget row: samples, tflops)."""
     path = Path(path)
     evaluated = (
         frame.dropna(subset=["accuracy_early_exits"]) if "accuracy_early_exits" in frame else frame.iloc[:0]
     )
     if evaluated.empty:
         return _no_data(path, "Federated exits on the evaluation clients")
-    figure, (by_round, by_samples) = _figure(panels=2, sharey=True)
-    colour = INIT_COLOURS["federated"]
-    by_round.plot(
-        evaluated["round"], evaluated["accuracy_early_exits"], "o-", color=colour, label="federated exits"
-    )
-    by_samples.plot(
-        evaluated["samples_cumulative"],
-        evaluated["accuracy_early_exits"],
-        "o-",
-        color=colour,
-        label="federated exits",
-    )
-    if reference is not None:
-        level = early_mean(reference["accuracy"])
-        for axes in (by_round, by_samples):
-            axes.axhline(
-                level, color=INIT_COLOURS["global"], linestyle="--", label="central exits (same clients)"
-            )
-        if central_samples:
-            by_samples.plot(
-                [central_samples], [level], "s", color=INIT_COLOURS["global"], label="central: samples"
-            )
-    by_round.set_xlabel("round")
-    by_samples.set_xlabel("samples processed (image passes through exit training)")
-    by_samples.set_xscale(
-        "symlog", linthresh=max(1.0, float(evaluated["samples_cumulative"].iloc[min(1, len(evaluated) - 1)]))
-    )
-    by_round.set_ylabel("mean early-exit accuracy, evaluation clients")
-    by_round.set_ylim(0, 1)
-    for axes in (by_round, by_samples):
+    figure, panels = _figure(panels=3, panel_width=4.2, sharey=True)
+    axes_x = {
+        "round": "round",
+        "samples_cumulative": "samples processed",
+        "tflops_cumulative": "training TFLOPs",
+    }
+    central_x = {"samples_cumulative": "samples", "tflops_cumulative": "tflops"}
+    level = None if reference is None else early_mean(reference["accuracy"])
+    for axes, (column, label) in zip(panels, axes_x.items()):
+        axes.plot(evaluated[column], evaluated["accuracy_early_exits"], "o-", color=INIT_COLOURS["federated"])
+        if level is not None:
+            axes.axhline(level, color=INIT_COLOURS["global"], linestyle="--")
+            if central and column in central_x:
+                axes.plot([central[central_x[column]]], [level], "s", color=INIT_COLOURS["global"])
+        axes.set_xlabel(label)
         axes.grid(alpha=0.3)
-    by_samples.legend(loc="lower right", fontsize=8)
+    panels[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    panels[1].xaxis.set_major_formatter(EngFormatter())
+    panels[0].set_ylabel("mean early-exit accuracy, evaluation clients")
+    panels[0].set_ylim(0, 1)
+    handles = [
+        Line2D([], [], color=INIT_COLOURS["federated"], marker="o", label="federated exits"),
+        Line2D([], [], color=INIT_COLOURS["global"], linestyle="--", label="central exits, same clients"),
+        Line2D(
+            [],
+            [],
+            color=INIT_COLOURS["global"],
+            marker="s",
+            linestyle="",
+            label="what central training processed",
+        ),
+    ]
+    panels[-1].legend(handles=handles, loc="lower right", fontsize=8)
     figure.suptitle("Federated exit training")
     return atomic_save_figure(figure, path)
 

@@ -113,7 +113,7 @@ def write_run_report(
     history = meta.get("federated_history")
     federated_figure = None
     if federated is not None:
-        central = next((r["samples"] for r in summary.get("budget", []) if r["init"] == "global"), None)
+        central = next((r for r in summary.get("budget", []) if r["init"] == "global"), None)
         reference = (history or {}).get("reference")
         federated_figure = plot_federated_curve(federated, reference, central, run_dir / FEDERATED_PNG).name
     sections = budget_section(budget) + federated_section(history, federated, federated_figure)
