@@ -40,7 +40,8 @@ def settings_for(clients: int, extra: list[str]):
             "global_training.epochs=1",
             "personalisation.epochs=2",
             "simulation.num_users=null",
-            "simulation.latency_repeats=3",
+            "latency.repeats=3",
+            "latency.batch_sizes=[1]",
             *extra,
         ]
     )

@@ -36,7 +36,7 @@ def simulate(settings, out_dir: str | Path) -> dict:
     from .fl.runtime import run_in_simulation_engine
 
     started = time.perf_counter()
-    prepared = prepare(settings)
+    prepared = prepare(settings, run_dir=out_dir)
     outcome = run_in_simulation_engine(prepared)
     outcome.timings["total_s"] = time.perf_counter() - started
     return write_results(out_dir, prepared, outcome)

@@ -241,7 +241,7 @@ def test_bad_thresholds_and_settings(model, exports, tmp_path):
     ):
         export_onnx(model, tmp_path / "out", 0.5, exporter="jit")
     with pytest.raises(
-        SettingsError, match=r"latency runtime must be one of \['onnxruntime', 'eager'\], got 'tvm'"
+        SettingsError, match=r"latency.runtime must be one of \['onnxruntime', 'eager'\], got 'tvm'"
     ):
         profile_exit_latency(model, runtime="tvm")
     with pytest.raises(SettingsError, match="providers .*'NoSuchExecutionProvider'.* are not available"):

@@ -115,7 +115,7 @@ def test_the_proximal_term_keeps_local_exits_near_the_round_weights():
         before = [p.detach().clone() for p in model.exit_parameters()]
         config = LocalTrainingConfig(epochs=4, lr=0.05, proximal_mu=mu)
         train_exits_locally(model, FrozenFeatures(model, x), y, config)
-        distances[mu] = float(proximal_term(model.exit_parameters(), before, 2.0))
+        distances[mu] = float(proximal_term(model.exit_parameters(), before, 2.0).detach())
     assert 0 < distances[5.0] < 0.8 * distances[0.0]
     params = [torch.ones(3), torch.zeros(2)]
     assert float(proximal_term(params, [torch.zeros(3), torch.ones(2)], mu=0.5)) == pytest.approx(0.25 * 5)

@@ -77,7 +77,12 @@ def two_runs(tmp_path_factory):
         env = cache_env(tmp_path_factory.mktemp(f"cache_{name}"))
         broken.update(corrupt_labels(env, slice(0, 1)))
         out = tmp_path_factory.mktemp(f"run_{name}")
-        overrides = ["init=compare", "simulation.num_users=null", "simulation.max_failed_fraction=0.5"]
+        overrides = [
+            "init=compare",
+            "simulation.num_users=null",
+            "simulation.max_failed_fraction=0.5",
+            "simulation.save_exits=true",
+        ]
         run_cli(TINY + overrides + [f"hydra.run.dir={out}"], env)
         runs.append(out)
     assert len(broken) == 1
@@ -92,6 +97,7 @@ def test_run_leaves_every_promised_file(two_runs):
         "sweep.csv",
         "failures.csv",
         "cost_table.csv",
+        "latency.csv",
         "summary.json",
         "report.md",
         "accuracy_cdf.png",
@@ -118,6 +124,9 @@ def test_run_leaves_every_promised_file(two_runs):
     budget = {row["init"]: row for row in json.loads((out / "summary.json").read_text())["budget"]}
     assert budget["federated"]["samples"] > 0 and budget["scratch"]["tflops"] == 0
     assert budget["global"]["tflops"] > 0
+    assert "Latency (latency_ms, ms/sample) was measured with onnxruntime on 1 thread(s)" in report
+    latency = pd.read_csv(out / "latency.csv")
+    assert set(latency["runtime"]) == {"onnxruntime"} and set(latency["batch_size"]) == {1, 32}
     assert "calibrated on the guard's validation split (the same images decide the guard" in report
     assert "dataset.settings" not in report  # no font lists in the setup table
     assert report.count("drop_tolerance_pp") == 1
@@ -164,6 +173,36 @@ def test_a_cold_run_is_reproducible_from_its_seed(two_runs):
         json.loads((run / "summary.json").read_text())["meta"]["global_training"] for run in two_runs[0]
     ]
     assert losses[0]["epoch_loss"] == losses[1]["epoch_loss"]
+
+
+def test_a_saved_user_exports_to_onnx_and_bad_requests_are_one_line(two_runs, tmp_path):
+    (out, _), broken_user = two_runs
+    user = next(u for u in pd.read_csv(out / "per_user.csv")["user"].unique() if u != broken_user)
+    assert sorted(p.name for p in (out / "exits").iterdir()) == [
+        "federated",
+        "global",
+        "global_model.pt",
+        "scratch",
+    ]
+
+    def export(*args):
+        command = [sys.executable, "-m", "fedexits.export", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    result = export(str(out), "--user", user, "--init", "scratch", "--out", str(tmp_path / "onnx"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    thresholds = pd.read_csv(out / "thresholds.csv").set_index(["init", "user"])
+    assert {t for t in manifest["thresholds"] if t is not None} <= {
+        thresholds.loc[("scratch", user), "threshold"]
+    }
+    for args, message in (
+        (["--user", "nobody"], "exits file"),
+        (["--user", user, "--init", "elsewhere"], "does not exist"),
+    ):
+        result = export(str(out), *args, "--out", str(tmp_path / "never"))
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
 
 
 def test_a_run_in_which_every_user_fails_exits_non_zero_after_its_report(tmp_path):
@@ -213,6 +252,7 @@ def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
         ("dataset=femnist_leaf", "dataset.path is required"),
         ("model=resnet", "model=resnet: no such option; available: femnist_mobilenet_v2, mobilenet_v2"),
         ("dataset.num_writer=3", "dataset.num_writer: Key 'num_writer' not in 'SyntheticConfig'"),
+        ("device=cuda:7", "device cuda:7: no such CUDA device"),
     ],
 )
 def test_bad_setting_is_one_line_and_refused_before_any_work(tmp_path, override, message):

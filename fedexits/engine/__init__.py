@@ -13,6 +13,7 @@ from .calibration import (
     sweep,
 )
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .device import module_device, resolve_device
 from .export import ExportSettings, export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
@@ -36,6 +37,16 @@ from .personalise import (
     personalise,
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
+from .pruning import (
+    PRUNING_METHODS,
+    PruningConfig,
+    PruningResult,
+    evaluate_pruned,
+    final_network,
+    prune_agnostic,
+    prune_data,
+    prune_sweep,
+)
 from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_exits
 from .train import TRAIN_PRESETS, TrainConfig, train_global
 
@@ -46,9 +57,11 @@ __all__ = [
     "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
     "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
-    "finetune_full", "no_personalisation", "personalise", "confidence_profile", "latency_costs",
+    "finetune_full", "no_personalisation", "personalise", "PRUNING_METHODS", "PruningConfig",
+    "PruningResult", "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
+    "prune_sweep", "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
     "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
     "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",
-    "exits_file", "load_exits", "save_exits",
+    "exits_file", "load_exits", "save_exits", "module_device", "resolve_device",
 ]  # fmt: skip

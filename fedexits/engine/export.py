@@ -45,7 +45,7 @@ STAGE_OUTPUTS = ("features", "confidence", "prediction")
 EXPORTERS = ("torchscript", "dynamo")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExportSettings:
     """How a model becomes ONNX graphs.
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from .device import module_device
+
 
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
@@ -32,7 +34,7 @@ class FrozenFeatures:
         chunk_size: int = 256,
     ):
         self.model = model
-        self.x = x
+        self.x = x.to(module_device(model))  # features live where the model computes
         self.augment = augment
         self.chunk_size = chunk_size
         self.cached_exits: list[int] = []
@@ -116,7 +118,7 @@ class FrozenFeatures:
         model = model or self.model
         model.exits.eval()
         features, final_logits = self.batch(torch.arange(len(self.x)))
-        return torch.stack(model.heads_forward(features) + [final_logits]).softmax(dim=-1)
+        return torch.stack(model.heads_forward(features) + [final_logits]).softmax(dim=-1).cpu()
 
 
 class FeatureStore:

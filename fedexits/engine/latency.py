@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import SettingsError
+from ..errors import check_settings
 from .export import export_onnx
 from .inference import fold_batchnorm
 from .onnx_runtime import DEFAULT_PROVIDERS, OnnxEarlyExit
@@ -23,7 +23,7 @@ from .profiling import LATENCY_BATCH_SIZES, LATENCY_REPEATS, measure_latency
 RUNTIMES = ("onnxruntime", "eager")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LatencySettings:
     """How per-exit latency is measured (one profile per run, on the shared model)."""
 
@@ -35,17 +35,23 @@ class LatencySettings:
     providers: list[str] = field(default_factory=lambda: list(DEFAULT_PROVIDERS))  # onnxruntime only
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise SettingsError(f"latency runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
-        sizes = list(self.batch_sizes)
-        if not sizes or not all(isinstance(b, int) and b >= 1 for b in sizes):
-            raise SettingsError(f"latency batch_sizes must be integers >= 1, got {sizes}")
-        if not (isinstance(self.repeats, int) and self.repeats >= 1):
-            raise SettingsError(f"latency repeats must be an integer >= 1, got {self.repeats!r}")
-        if not (isinstance(self.threads, int) and self.threads >= 1):
-            raise SettingsError(f"latency threads must be an integer >= 1, got {self.threads!r}")
-        if not list(self.providers):
-            raise SettingsError("latency providers must name at least one onnxruntime provider")
+        self.batch_sizes, self.providers = list(self.batch_sizes), list(self.providers)
+        check_settings(
+            "latency",
+            self,
+            [
+                ("runtime", self.runtime in RUNTIMES, f"one of {list(RUNTIMES)}"),
+                (
+                    "batch_sizes",
+                    bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes),
+                    "integers >= 1",
+                ),
+                ("batch_sizes", self.batch_sizes[:1] == [1], "a list starting with 1 (a device's batch)"),
+                ("repeats", self.repeats >= 1, "an integer >= 1"),
+                ("threads", self.threads >= 1, "an integer >= 1"),
+                ("providers", bool(self.providers), "at least one onnxruntime provider"),
+            ],
+        )
 
 
 def profile_exit_latency(model, settings: LatencySettings | None = None, **overrides) -> pd.DataFrame:

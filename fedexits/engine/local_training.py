@@ -20,7 +20,7 @@ import torch
 from ..errors import UserDataError, check_settings
 from .features import FrozenFeatures
 from .losses import ExitLossWeights, exit_loss
-from .personalise import batch_bounds, make_optimizer
+from .personalise import batch_bounds, make_optimizer, to_model_device
 
 LABELS_ONLY = ExitLossWeights(alpha=1.0, beta=0.0, gamma=0.0)
 
@@ -79,12 +79,13 @@ def train_exits_locally(
     optimizer = make_optimizer(params, config)
     generator = torch.Generator().manual_seed(config.seed)
     bounds = batch_bounds(len(y), config.batch_size)
-    labelled = torch.ones(len(y), dtype=torch.bool)
+    (y,) = to_model_device(model, y)
+    labelled = torch.ones(len(y), dtype=torch.bool, device=y.device)
     epoch_losses = []
     for _ in range(config.epochs):
         model.exits.train()
         total, batches = 0.0, 0
-        order = torch.randperm(len(y), generator=generator)
+        order = torch.randperm(len(y), generator=generator).to(y.device)
         for idx, batch_features, final_logits in features.epoch(order, bounds):
             logits = model.heads_forward(batch_features)
             loss = sum(exit_loss(z, final_logits, y[idx], labelled[idx], LABELS_ONLY) for z in logits)

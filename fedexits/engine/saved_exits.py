@@ -1,7 +1,7 @@
 """One user's personalised exits and calibration, saved so that a run can be deployed later.
 
 A run shares one global checkpoint; what is personal is small (the exit heads, the threshold and
-which exits are on), so each user gets one file: `exits/<user>.pt`, a torch file read back with
+which exits are on), so each user gets one file: `exits/<init>/<user>.pt`, a torch file read back with
 `weights_only=True` holding plain data only:
 
     {"format": "fedexits-exits-v1", "architecture": {...}, "exit_after": [...],
@@ -42,11 +42,13 @@ class SavedExits:
         return [self.threshold if on else None for on in self.active_exits]
 
 
-def exits_file(run_dir: str | Path, user: str) -> Path:
-    """Where a run keeps a user's exits: `RUN_DIR/exits/<user>.pt`."""
-    if not user or user in (".", "..") or any(c in user for c in "/\\\0"):
-        raise SettingsError(f"user id {user!r} cannot name an exits file (no path separators)")
-    return Path(run_dir) / EXITS_DIR / f"{user}.pt"
+def exits_file(run_dir: str | Path, user: str, init: str = "global") -> Path:
+    """Where a run keeps a user's exits: `RUN_DIR/exits/<init>/<user>.pt` (one folder per exit
+    initialisation, since `init=compare` personalises every user three times)."""
+    for name, value in (("user id", user), ("init", init)):
+        if not value or value in (".", "..") or any(c in value for c in "/\\\0"):
+            raise SettingsError(f"{name} {value!r} cannot name an exits file (no path separators)")
+    return Path(run_dir) / EXITS_DIR / init / f"{user}.pt"
 
 
 def save_exits(

@@ -284,6 +284,7 @@ def deployment_main(grid: Grid, context: Context) -> None:
     from ..study.prepare import prepare
     from ..study.results import write_results
 
-    prepared = prepare(compose_config(str(context.run_config.get("overrides", "")).split()))
+    out_dir = str(context.run_config.get("output-dir", "outputs/flwr"))
+    prepared = prepare(compose_config(str(context.run_config.get("overrides", "")).split()), run_dir=out_dir)
     outcome = run_study(grid, prepared)
-    write_results(str(context.run_config.get("output-dir", "outputs/flwr")), prepared, outcome)
+    write_results(out_dir, prepared, outcome)

@@ -148,6 +148,18 @@ def _headline_frame(summary: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _latency_sentence(latency: Mapping | None) -> str:
+    if not latency:
+        return "Latency was not measured."
+    full = latency.get("full_network_ms_per_sample") or {}
+    sizes = ", ".join(f"{float(ms):.3f} ms at batch {batch}" for batch, ms in full.items())
+    return (
+        f"Latency (latency_ms, ms/sample) was measured with {latency.get('runtime')} on "
+        f"{latency.get('threads')} thread(s), batch 1 (the full network: {sizes or MISSING}; "
+        "every exit in latency.csv)."
+    )
+
+
 def _status_line(status: Mapping) -> str:
     if not status:
         return "Run status: n/a."
@@ -206,8 +218,8 @@ def render_run_report(
         _status_line(status),
         "",
         (
-            f"Each user's threshold was calibrated on {meta.get('calibration_split', MISSING)}; "
-            f"latency was measured with {meta.get('latency_runtime') or MISSING}."
+            f"Each user's threshold was calibrated on {meta.get('calibration_split', MISSING)}. "
+            + _latency_sentence(meta.get("latency"))
         ),
         "",
         "## Setup",

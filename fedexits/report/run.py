@@ -47,6 +47,7 @@ SWEEP_CSV = "sweep.csv"
 FAILURES_CSV = "failures.csv"
 SUMMARY_JSON = "summary.json"
 COST_TABLE_CSV = "cost_table.csv"
+LATENCY_CSV = "latency.csv"
 REPORT_MD = "report.md"
 
 _CSV_FILES = {
@@ -69,9 +70,10 @@ def write_run_report(
     cost_table: pd.DataFrame | None = None,
     federated: pd.DataFrame | None = None,
     budget: pd.DataFrame | None = None,
+    latency_table: pd.DataFrame | None = None,
 ) -> dict:
     """Write per_user.csv, thresholds.csv, sweep.csv, failures.csv (header even when empty),
-    cost_table.csv (when given), federated.csv (`federated`: one row per round, see
+    cost_table.csv, latency.csv and federated.csv (when given; `federated`: one row per round, see
     `fedexits.study.budget`), the figures, report.md and summary.json into `run_dir`; return the
     summary dict. `budget` (per init: samples and FLOPs that trained the exits) goes into the
     report and summary.json.
@@ -85,10 +87,10 @@ def write_run_report(
     frames = {name: with_schema(given[name], columns) for name, (_, columns) in _CSV_FILES.items()}
     for name, (file_name, _) in _CSV_FILES.items():
         atomic_write_csv(frames[name], run_dir / file_name)
-    if cost_table is not None:
-        atomic_write_csv(cost_table, run_dir / COST_TABLE_CSV)
-    if federated is not None:
-        atomic_write_csv(federated, run_dir / FEDERATED_CSV)
+    extra_files = {COST_TABLE_CSV: cost_table, LATENCY_CSV: latency_table, FEDERATED_CSV: federated}
+    for file_name, table in extra_files.items():
+        if table is not None:
+            atomic_write_csv(table, run_dir / file_name)
 
     per_user, thresholds, sweep = frames["per_user"], frames["thresholds"], frames["sweep"]
     require_columns(per_user, REQUIRED_PER_USER, "per_user")
@@ -124,8 +126,7 @@ def write_run_report(
         frames["failures"],
         figures,
         data_files=[file_name for file_name, _ in _CSV_FILES.values()]
-        + ([COST_TABLE_CSV] if cost_table is not None else [])
-        + ([FEDERATED_CSV] if federated is not None else [])
+        + [name for name, table in extra_files.items() if table is not None]
         + [SUMMARY_JSON],
         sections=sections,
     )

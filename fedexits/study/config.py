@@ -21,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import CONFIG_CLASSES, parse_config
 from ..engine.calibration import CALIBRATION_PRESETS, CalibrationConfig
+from ..engine.device import check_device_name
+from ..engine.latency import LatencySettings
 from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
 from ..engine.train import TRAIN_PRESETS, TrainConfig
 from ..errors import SettingsError, UserDataError, check_settings, config_error_line
@@ -202,8 +204,8 @@ class SimulationConfig:
     max_in_flight: int = 32  # messages pushed at once (bounds the driver's memory)
     timeout_s: float = 3600.0  # a user without a reply after this long is recorded as failed
     registration_timeout_s: float = 300.0
-    latency_repeats: int = 50  # per-exit latency: median of this many runs, measured once before Ray starts
     profile_memory: bool = False  # peak tensor memory of each personalisation (slows it ~2x)
+    save_exits: bool = False  # keep each user's exits and calibration under RUN_DIR/exits/ (for export)
     # A run with more failed users than this share (or with none ok) fails: its report is still
     # written, but its numbers describe a population other than the one asked for.
     max_failed_fraction: float = 0.1
@@ -219,7 +221,6 @@ class SimulationConfig:
                 ("max_in_flight", self.max_in_flight >= 1, "an integer >= 1"),
                 ("timeout_s", self.timeout_s > 0, "> 0 seconds"),
                 ("registration_timeout_s", self.registration_timeout_s > 0, "> 0 seconds"),
-                ("latency_repeats", self.latency_repeats >= 1, "an integer >= 1"),
                 ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1, "in [0, 1]"),
             ],
         )
@@ -232,6 +233,7 @@ class StudyConfig:
 
     seed: int = 0
     cache_dir: str = "${oc.env:FEDEXITS_CACHE_DIR,'~/.cache/fedexits'}"  # data and global models
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (engine/device.py): training, features, evaluation
     dataset: Any = MISSING  # one of fedexits.data.config's dataclasses
     model: ModelConfig = field(default_factory=ModelConfig)
     global_training: TrainConfig = field(default_factory=TrainConfig)
@@ -240,9 +242,11 @@ class StudyConfig:
     init: InitConfig = field(default_factory=InitConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    latency: LatencySettings = field(default_factory=LatencySettings)  # measured once per run
 
     def __post_init__(self):
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        check_device_name(self.device)
         self.dataset = parse_config(self.dataset)
         p = self.personalisation
         if p.method == "exits":  # a loss that is zero for every user fails the run, not each user

@@ -19,14 +19,14 @@ from .config import StudyConfig, settings_from_dict, settings_to_dict
 
 @dataclass
 class LatencyProfile:
-    """Per-exit latency (ms) in the calibration's form: the prefix of the network up to each
-    attach point (`backbone`, M+1 values) and each head (`heads`, M+1: the last is the final
-    classifier); `runtime` says what measured it."""
+    """Per-exit latency (ms per sample, batch 1) in the calibration's form: the prefix of the
+    network up to each attach point (`backbone`, M+1 values) and each head (`heads`, M+1: the last
+    is the final classifier); `runtime` and `threads` say how it was measured."""
 
     backbone: list[float]
     heads: list[float]
-    runtime: str = "eager"
-    batch_size: int = 1
+    runtime: str = "onnxruntime"
+    threads: int = 1
 
     def costs(self) -> ExitCosts:
         return ExitCosts(self.backbone, self.heads)
@@ -38,6 +38,7 @@ class RunPlan:
     checkpoint: str  # the global multi-exit model
     architecture: dict  # MultiExitSpec.architecture() of that model
     latency: LatencyProfile | None = None  # measured once for the run; None: each worker measures
+    run_dir: str | None = None  # where a run keeps per-user files (simulation.save_exits)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -46,6 +47,7 @@ class RunPlan:
                 "checkpoint": self.checkpoint,
                 "architecture": self.architecture,
                 "latency": None if self.latency is None else asdict(self.latency),
+                "run_dir": self.run_dir,
             },
             sort_keys=True,
         )
@@ -54,7 +56,8 @@ class RunPlan:
     def from_json(cls, text: str) -> RunPlan:
         data = json.loads(text)
         latency = LatencyProfile(**data["latency"]) if data.get("latency") else None
-        return cls(settings_from_dict(data["settings"]), data["checkpoint"], data["architecture"], latency)
+        settings = settings_from_dict(data["settings"])
+        return cls(settings, data["checkpoint"], data["architecture"], latency, data.get("run_dir"))
 
 
 def partition_users(population: Population, include_global: bool) -> list[str]:

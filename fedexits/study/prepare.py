@@ -12,8 +12,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..atomic import atomic_write
 from ..data import build_population
-from ..engine import fold_batchnorm, latency_costs, load_model, measure_latency, train_global
+from ..engine import LatencySettings, latency_costs, load_model, profile_exit_latency, train_global
+from ..engine.device import resolve_device
+from ..engine.saved_exits import EXITS_DIR
 from ..errors import SettingsError
 from ..models import MultiExitSpec, build_multi_exit, cost_table
 from ..models.costs import training_flops
@@ -31,6 +34,7 @@ class Prepared:
     cost_table: pd.DataFrame
     population: dict  # Population.describe()
     training: dict  # checkpoint, epoch losses, seconds, images per epoch
+    latency_table: pd.DataFrame | None = None  # per exit and batch size, as measured
     timings: dict = field(default_factory=dict)
     exit_buffers: list[str] = field(default_factory=list)  # running statistics among the exits' arrays
     flops_per_image: dict = field(default_factory=dict)  # training costs, see `training_costs`
@@ -50,22 +54,25 @@ def global_model_path(settings: StudyConfig, spec: MultiExitSpec) -> Path:
     return Path(settings.cache_dir) / "models" / f"{spec.backbone}-{digest}.pt"
 
 
-def profile_latency(model, repeats: int, threads: int) -> LatencyProfile:
-    """Per-exit latency at batch 1 of the model as a device runs it (BatchNorm folded), measured
-    with `threads` torch threads (what one client gets), in the calibration's form."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        table = measure_latency(fold_batchnorm(model), batch_sizes=(1,), repeats=repeats)
-    finally:
-        torch.set_num_threads(previous)
-    costs = latency_costs(table)
-    return LatencyProfile(list(costs.backbone), list(costs.heads), runtime="eager", batch_size=1)
+def profile_latency(model, settings: LatencySettings) -> tuple[LatencyProfile, pd.DataFrame]:
+    """Per-exit latency of the model as a device runs it (ONNX Runtime by default, BatchNorm
+    folded, `settings.threads` threads): the batch-1 profile in the calibration's form, and the
+    whole table (every batch size)."""
+    table = profile_exit_latency(model, settings)
+    costs = latency_costs(table, batch_size=1)
+    profile = LatencyProfile(list(costs.backbone), list(costs.heads), settings.runtime, settings.threads)
+    return profile, table
 
 
-def prepare(settings: StudyConfig, progress: bool = True) -> Prepared:
+GLOBAL_MODEL_FILE = "global_model.pt"  # the run's copy of the global checkpoint, under RUN_DIR/exits/
+
+
+def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | None = None) -> Prepared:
     """Build the population cache and the global model (trained once from the seed, then
-    reused), and profile latency once (clients measuring themselves would disturb each other)."""
+    reused), and profile latency once (clients measuring themselves would disturb each other).
+    With `run_dir` and `simulation.save_exits`, the run keeps its own copy of the global model
+    next to the users' exits (RUN_DIR/exits/), so it can be exported after the cache is gone."""
+    device = resolve_device(settings.device)  # a missing GPU fails here, before any work
     started = time.perf_counter()
     population = build_population(settings.dataset)
     data_s = time.perf_counter() - started
@@ -89,13 +96,22 @@ def prepare(settings: StudyConfig, progress: bool = True) -> Prepared:
         path,
         progress=progress,
         extra={"dataset": asdict(settings.dataset)},
+        device=device,
     )
+    model.cpu()  # costs, latency (ONNX Runtime) and the clients start from the CPU copy
     global_model_s = time.perf_counter() - trained
-    sim = settings.simulation
-    latency = profile_latency(model, sim.latency_repeats, threads=int(sim.client_cpus))
+    profiled = time.perf_counter()
+    latency, latency_table = profile_latency(model, settings.latency)
+    latency_s = time.perf_counter() - profiled
     include_global = "federated" in settings.init.inits
+    if run_dir is not None and settings.simulation.save_exits:
+        copy = Path(run_dir) / EXITS_DIR / GLOBAL_MODEL_FILE
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(copy, lambda handle: handle.write(path.read_bytes()), "wb")
     return Prepared(
-        plan=RunPlan(settings, str(path), spec.architecture(), latency),
+        plan=RunPlan(
+            settings, str(path), spec.architecture(), latency, None if run_dir is None else str(run_dir)
+        ),
         users=partition_users(population, include_global),
         num_held_out=len(population.held_out_users),
         cost_table=cost_table(model),
@@ -106,7 +122,8 @@ def prepare(settings: StudyConfig, progress: bool = True) -> Prepared:
             "train_seconds": history["seconds"],
             "images": len(global_set),
         },
-        timings={"data_s": data_s, "global_model_s": global_model_s},
+        latency_table=latency_table,
+        timings={"data_s": data_s, "global_model_s": global_model_s, "latency_profile_s": latency_s},
         exit_buffers=[name for name, _ in model.exits.named_buffers()],
         flops_per_image=training_costs(model),
     )

@@ -50,6 +50,16 @@ def run_status(records: list[UserRecord], max_failed_fraction: float) -> dict:
     return {**status, "status": "ok", "reason": ""}
 
 
+def _latency_meta(prepared: Prepared) -> dict | None:
+    """How latency was measured and what the full network costs per sample at each batch size."""
+    profile, table = prepared.plan.latency, prepared.latency_table
+    if profile is None:
+        return None
+    full = {} if table is None else table[table["exit"] == table["exit"].max()]
+    per_sample = {} if table is None else dict(zip(full["batch_size"], full["per_sample_ms"]))
+    return {"runtime": profile.runtime, "threads": profile.threads, "full_network_ms_per_sample": per_sample}
+
+
 def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) -> dict:
     """Every output file of a run into `out_dir`; returns the summary (with its status)."""
     settings = prepared.plan.settings
@@ -68,7 +78,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
             if settings.personalisation.guard and settings.personalisation.method == "exits"
             else "the personalisation split"
         ),
-        "latency_runtime": None if prepared.plan.latency is None else prepared.plan.latency.runtime,
+        "latency": _latency_meta(prepared),
         "inits": settings.init.inits,
         "global_training": {**asdict(settings.global_training), **prepared.training},
         "federated": asdict(settings.federated) if "federated" in settings.init.inits else None,
@@ -88,4 +98,5 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         cost_table=prepared.cost_table,
         federated=federated,
         budget=budget_table(settings, prepared.training, prepared.flops_per_image, outcome.federated),
+        latency_table=prepared.latency_table,
     )

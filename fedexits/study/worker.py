@@ -16,7 +16,8 @@ import torch
 from rich.progress import track
 
 from ..data import Population, build_population
-from ..engine import load_model
+from ..engine import exits_file, load_model, save_exits
+from ..engine.device import resolve_device
 from ..engine.features import FeatureStore, FrozenFeatures
 from ..engine.inference import exit_accuracies
 from ..engine.local_training import LocalTrainingConfig, train_exits_locally
@@ -54,10 +55,7 @@ class Worker:
     def latency(self):
         """Per-exit latency: the profile measured once for the run, or (a real device without
         one) measured here once."""
-        profile = self.plan.latency
-        if profile is None:
-            sim = self.plan.settings.simulation
-            profile = profile_latency(self.model, sim.latency_repeats, threads=int(sim.client_cpus))
+        profile = self.plan.latency or profile_latency(self.model, self.plan.settings.latency)[0]
         return profile.costs()
 
     def load_exits(self, state: dict[str, torch.Tensor]) -> None:
@@ -86,6 +84,16 @@ class Worker:
             latency=self.latency,
             profile_memory=settings.simulation.profile_memory,
         )
+        if settings.simulation.save_exits and p.method == "exits" and self.plan.run_dir:
+            save_exits(
+                exits_file(self.plan.run_dir, user, init),
+                self.model,
+                result.threshold,
+                [bool(a) for a in result.active_exits],
+                user=user,
+                init=init,
+                accuracy_at_threshold=result.accuracy_at_threshold,
+            )
         return UserRecord(user, init, result, notes=list(data.notes))
 
     def client_features(self, user: str) -> tuple[FrozenFeatures, torch.Tensor, bool]:
@@ -123,7 +131,8 @@ class Worker:
             seed=user_seed(settings.seed, user, "round", server_round),
         )
         losses = train_exits_locally(self.model, features, labels, local)
-        return LocalUpdate(self.model.exits.state_dict(), len(labels), losses[-1], cached)
+        exits = {name: tensor.cpu() for name, tensor in self.model.exits.state_dict().items()}
+        return LocalUpdate(exits, len(labels), losses[-1], cached)
 
     def evaluate_exits(self, user: str, exits: dict[str, torch.Tensor]) -> tuple[int, list[float]]:
         """Federated evaluation on a global user kept out of training: every exit's accuracy
@@ -153,9 +162,11 @@ def get_worker(plan_json: str) -> Worker:
     plan = RunPlan.from_json(plan_json)
     population = build_population(plan.settings.dataset)
     model, _ = load_model(plan.checkpoint)
+    costs = cost_table(model)
+    model.to(resolve_device(plan.settings.device))  # Ray's GPU for this client, with "auto"
     include_global = "federated" in plan.settings.init.inits
     users = partition_users(population, include_global)
-    return Worker(plan, population, users, model, cost_table(model), features=shared_feature_store(plan))
+    return Worker(plan, population, users, model, costs, features=shared_feature_store(plan))
 
 
 _FEATURE_STORES: dict[str, FeatureStore] = {}
