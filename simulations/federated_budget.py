@@ -4,10 +4,13 @@ Every candidate (strategy, clients per round, local epochs, learning rate; its `
 most it may take) trains exits through Flower's simulation engine, all candidates in one session
 (each client process keeps its frozen features across candidates). Every `--score-every` rounds
 Flower's server-side evaluation scores the exits as `init=compare` scores them before
-personalisation: the mean over the held-out users of the early exits' accuracy on their test
-images, against the centrally trained exits on the same images. Writes `curves.csv` (candidate x
-scored round: accuracy, gap, samples processed, training TFLOPs, seconds) and `budget.md` (per
-candidate: the first scored round within 2 pp of central, and what it cost).
+personalisation: the mean over held-out users of the early exits' accuracy on their test
+images, against the centrally trained exits on the same images. The held-out users are split in
+two: the tuning users choose the budget, the reporting users report it (given as files, e.g.
+simulations/leaf_tuning.txt and leaf_reporting.txt, or a seeded half each). Writes `curves.csv`
+(candidate x scored round: accuracy and gap on both halves, samples processed, training TFLOPs,
+seconds) and `budget.md` (per candidate: the first scored round within 2 pp of central on the
+tuning users, what it cost, and the reporting users' numbers at that round).
 
     python simulations/federated_budget.py --out results/budget [overrides ...] \\
         --candidate "federated.rounds=40 federated.local_epochs=5 federated.lr=0.05" --candidate ...
@@ -26,6 +29,8 @@ import pandas as pd
 import torch
 from flwr.app import MetricRecord
 
+from fedexits.data import build_population
+from fedexits.data.split import read_held_out_file, rng_for
 from fedexits.engine import load_model
 from fedexits.engine.features import FrozenFeatures
 from fedexits.engine.inference import exit_accuracies
@@ -46,26 +51,53 @@ CANDIDATES = [
 
 class HeldOutScore:
     """Mean over held-out users of the early exits' accuracy on their test images (what the
-    run's *early exits before* reports), with the features computed once."""
+    run's *early exits before* reports), with the features computed once, separately for the
+    tuning users (which choose the budget) and the reporting users (which report it)."""
 
-    def __init__(self, prepared):
+    def __init__(self, prepared, tuning_file: str | None = None, reporting_file: str | None = None):
         plan = prepared.plan
         settings = plan.settings
         self.model, _ = load_model(plan.checkpoint)
-        from fedexits.data import build_population
-
         population = build_population(settings.dataset)
         chosen = sample_users(prepared.num_held_out, settings.simulation.num_users, settings.seed)
-        self.users = []
-        for partition in chosen:
-            user = prepared.users[partition]
+        users = [prepared.users[partition] for partition in chosen]
+        self.groups = split_users(users, settings.seed, tuning_file, reporting_file)
+        self.features = {}
+        for user in users:
             data = population.load_user(user, seed=user_seed(settings.seed, user))
-            self.users.append((FrozenFeatures(self.model, data.test_x), data.test_y))
+            self.features[user] = (FrozenFeatures(self.model, data.test_x), data.test_y)
 
-    def __call__(self, exits: dict[str, torch.Tensor]) -> float:
+    def __call__(self, exits: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.exits.load_state_dict(exits)
-        per_user = [exit_accuracies(f.exit_probabilities(), y)[:-1] for f, y in self.users]
-        return float(sum(sum(a) / len(a) for a in per_user) / len(per_user))
+        scores = {}
+        for group, users in self.groups.items():
+            per_user = []
+            for user in users:
+                features, labels = self.features[user]
+                accuracies = exit_accuracies(features.exit_probabilities(), labels)[:-1]
+                per_user.append(sum(accuracies) / len(accuracies))
+            scores[group] = float(sum(per_user) / len(per_user))
+        return scores
+
+
+def split_users(
+    users: list[str], seed: int, tuning_file: str | None, reporting_file: str | None
+) -> dict[str, list[str]]:
+    """Tuning and reporting users among the held-out `users`: from the given files (each must
+    list held-out users), or a seeded half each."""
+    if tuning_file and reporting_file:
+        groups = {"tuning": read_held_out_file(tuning_file), "reporting": read_held_out_file(reporting_file)}
+        for group, listed in groups.items():
+            missing = sorted(set(listed) - set(users))
+            if missing:
+                raise SystemExit(f"--{group}: {len(missing)} user(s) are not held out, e.g. {missing[0]}")
+        return groups
+    order = rng_for("federated budget tuning split", seed).permutation(len(users))
+    half = len(users) // 2
+    return {
+        "tuning": sorted(users[i] for i in order[:half]),
+        "reporting": sorted(users[i] for i in order[half:]),
+    }
 
 
 def main() -> None:
@@ -75,6 +107,8 @@ def main() -> None:
     parser.add_argument("--score-every", type=int, default=5, help="rounds between held-out scores")
     parser.add_argument("--target-pp", type=float, default=2.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tuning", help="held-out users that choose the budget (one id a line)")
+    parser.add_argument("--reporting", help="held-out users that report it (one id a line)")
     args = parser.parse_args()
     candidates = args.candidate or CANDIDATES
     base = ["init=federated", *args.overrides]
@@ -83,10 +117,11 @@ def main() -> None:
     prepared = prepare(settings[0], progress=False)
     for s in settings:
         s.federated.check_population(len(prepared.users) - prepared.num_held_out)
-    score = HeldOutScore(prepared)
+    score = HeldOutScore(prepared, args.tuning, args.reporting)
     central = score(initial_exits(prepared.plan, "global"))
     elapsed = time.perf_counter() - started
-    print(f"central exits on {len(score.users)} held-out users: {central:.2%} ({elapsed:.0f} s)", flush=True)
+    sizes = {group: len(users) for group, users in score.groups.items()}
+    print(f"central exits {central} on {sizes} held-out users ({elapsed:.0f} s)", flush=True)
     rows: list[dict] = []
 
     def work(grid, node_of):
@@ -98,19 +133,21 @@ def main() -> None:
                 clock[server_round] = time.perf_counter() - clock["start"]  # after the round's training
                 if server_round % args.score_every and server_round != s.federated.rounds:
                     return None
-                return MetricRecord({"held-out": score(arrays.to_torch_state_dict())})
+                return MetricRecord(score(arrays.to_torch_state_dict()))
 
             _, history = federated_exits(grid, variant, node_of, evaluate_fn=evaluate_fn)
             curve = federated_frame(history, prepared.flops_per_image).set_index("round")
             for server_round, metrics in history["server_evaluations"].items():
-                accuracy = float(metrics["held-out"])
+                tuning, reporting = float(metrics["tuning"]), float(metrics["reporting"])
                 rows.append(
                     {
                         "candidate": index,
                         "overrides": candidate,
                         "round": server_round,
-                        "held_out_accuracy": accuracy,
-                        "gap_pp": 100 * (accuracy - central),
+                        "tuning_accuracy": tuning,
+                        "gap_pp": 100 * (tuning - central["tuning"]),
+                        "reporting_accuracy": reporting,
+                        "reporting_gap_pp": 100 * (reporting - central["reporting"]),
                         "eval_clients_accuracy": curve.loc[server_round, "accuracy_early_exits"],
                         "samples": int(curve.loc[server_round, "samples_cumulative"]),
                         "tflops": float(curve.loc[server_round, "tflops_cumulative"]),
@@ -129,7 +166,7 @@ def main() -> None:
     best = []
     for _, group in curves.groupby("candidate"):
         within = group[group["gap_pp"] >= -args.target_pp]
-        chosen = within.iloc[0] if len(within) else group.iloc[group["held_out_accuracy"].argmax()]
+        chosen = within.iloc[0] if len(within) else group.iloc[group["tuning_accuracy"].argmax()]
         best.append({**chosen.to_dict(), "within_target": bool(len(within))})
     central_row = budget_table(
         replace(settings[0], init=replace(settings[0].init, inits=["global"])),
@@ -138,11 +175,13 @@ def main() -> None:
         None,
     ).iloc[0]
     text = [
-        f"Central exits (global model): {central:.2%} mean early-exit accuracy before personalisation on "
-        f"{len(score.users)} held-out users; {central_row['samples']} samples, "
+        f"Central exits (global model), mean early-exit accuracy before personalisation: "
+        f"{central['tuning']:.2%} on {sizes['tuning']} tuning users, {central['reporting']:.2%} on "
+        f"{sizes['reporting']} reporting users; {central_row['samples']} samples, "
         f"{central_row['tflops']:.2f} training TFLOPs ({central_row['trained']}).",
         "",
-        f"Per candidate: the first scored round within {args.target_pp:g} pp of central, or its best round.",
+        f"Per candidate: the first scored round within {args.target_pp:g} pp of central on the tuning "
+        "users (or its best round there), and the same round on the reporting users.",
         "",
         markdown_table(
             pd.DataFrame(best),
@@ -150,15 +189,19 @@ def main() -> None:
                 "overrides": "candidate",
                 "round": "round",
                 "within_target": f"within {args.target_pp:g} pp",
-                "held_out_accuracy": "held-out, before",
-                "gap_pp": "gap (pp)",
+                "tuning_accuracy": "tuning, before",
+                "gap_pp": "tuning gap (pp)",
+                "reporting_accuracy": "reporting, before",
+                "reporting_gap_pp": "reporting gap (pp)",
                 "samples": "samples",
                 "tflops": "TFLOPs",
                 "seconds": "seconds",
             },
             formats={
-                "held_out_accuracy": lambda v: f"{100 * v:.1f}%",
+                "tuning_accuracy": lambda v: f"{100 * v:.1f}%",
                 "gap_pp": lambda v: f"{v:+.2f}",
+                "reporting_accuracy": lambda v: f"{100 * v:.1f}%",
+                "reporting_gap_pp": lambda v: f"{v:+.2f}",
                 "tflops": lambda v: f"{v:.2f}",
                 "seconds": lambda v: f"{v:.0f}",
             },
