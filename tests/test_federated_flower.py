@@ -20,7 +20,13 @@ RUNS = {
     "fedadagrad": ["federated/strategy=fedadagrad"],
     "fedavg again": [],  # the same seed: features now kept from the first run in each client process
 }
-BASE = ["init=federated", "federated.eval_every=1", "federated.local_epochs=2", "federated.lr=0.05"]
+BASE = [
+    "init=federated",
+    "federated.eval_every=1",
+    "federated.local_epochs=2",
+    "federated.lr=0.05",
+    "simulation.registration_timeout_s=1800",  # 16 virtual clients start slowly on a loaded machine
+]
 
 
 @pytest.fixture(scope="module")
