@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .calibration import ExitCosts, apply_calibration, calibrate, sweep
+from .calibration import CalibrationConfig, ExitCosts, apply_calibration, calibrate, sweep
 from .features import FrozenFeatures
 from .inference import exit_accuracies, exit_probabilities
 from .personalise import METHODS, PersonalisationConfig, split_validation
@@ -22,6 +22,9 @@ class UserProtocol:
     prune_exits: bool = True
     profile_memory: bool = False  # peak tensor memory of personalisation (slows it ~2x)
     calibration_margin_z: float = 0.0  # standard errors added to the calibration's drop
+    # The whole calibration setting; when given it replaces the three fields above (None: rule
+    # "margin" with calibration_margin_z, i.e. "plain" at z=0, as before).
+    calibration: CalibrationConfig | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,15 +75,7 @@ def run_user(
     probs_calib = exit_probabilities(model, x[calib_idx])
     final_pred = probs_calib[-1].argmax(-1)
     targets = torch.where(labelled[calib_idx], y[calib_idx], final_pred)
-    calibration = calibrate(
-        probs_calib,
-        targets,
-        cost_table,
-        latency,
-        protocol.drop_tolerance_pp,
-        prune=protocol.prune_exits,
-        margin_z=protocol.calibration_margin_z,
-    )
+    calibration = calibrate(probs_calib, targets, cost_table, latency, calibration_config(protocol))
     at_threshold = apply_calibration(probs_test, y_test, calibration, cost_table, latency)
     test_sweep = sweep(probs_test, y_test, ExitCosts.flops(cost_table), calibration.active_exits, latency)
     num_exits = model.num_exits
@@ -108,6 +103,18 @@ def run_user(
         out["latency_speedup"] = latency.full / out["expected_latency_ms"]
         out["sweep_latency_ms"] = test_sweep["expected_latency_ms"].tolist()
     return out
+
+
+def calibration_config(protocol: UserProtocol) -> CalibrationConfig:
+    """The protocol's calibration setting (the legacy fields map to rule "margin")."""
+    if protocol.calibration is not None:
+        return protocol.calibration
+    return CalibrationConfig(
+        rule="margin",
+        margin_z=protocol.calibration_margin_z,
+        drop_tolerance_pp=protocol.drop_tolerance_pp,
+        prune_exits=protocol.prune_exits,
+    )
 
 
 def _probabilities(model, x, features: FrozenFeatures | None) -> torch.Tensor:
