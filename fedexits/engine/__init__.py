@@ -21,6 +21,7 @@ from .inference import (
     fold_batchnorm,
 )
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
+from .out_of_fold import OutOfFoldConfig, OutOfFoldResult, personalise_out_of_fold
 from .personalise import (
     METHODS,
     PRESETS,
@@ -41,8 +42,8 @@ __all__ = [
     "EarlyExitOutput", "dynamic_inference", "exit_accuracies", "exit_probabilities",
     "fixed_exit_inference", "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights",
     "sdn_loss", "METHODS", "PRESETS", "PersonalisationConfig", "PersonalisationResult",
-    "finetune_final", "finetune_full", "no_personalisation", "personalise",
-    "confidence_profile", "latency_costs",
+    "finetune_final", "finetune_full", "no_personalisation", "personalise", "OutOfFoldConfig",
+    "OutOfFoldResult", "personalise_out_of_fold", "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
     "train_global",
 ]  # fmt: skip
