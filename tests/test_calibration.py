@@ -340,3 +340,19 @@ def test_ltt_keeps_its_promise_where_the_measured_drop_does_not():
     assert violations["ltt"] / draws <= delta + allowance
     assert violations["plain"] / draws > delta + allowance
     assert early_exits / draws >= 0.1  # not kept by never letting a sample leave early
+
+
+def test_user_protocol_maps_to_a_calibration_setting():
+    from fedexits.engine.protocol import UserProtocol, calibration_config
+
+    legacy = calibration_config(
+        UserProtocol(drop_tolerance_pp=2.0, prune_exits=False, calibration_margin_z=1.5)
+    )
+    assert (legacy.rule, legacy.margin_z, legacy.drop_tolerance_pp, legacy.prune_exits) == (
+        "margin",
+        1.5,
+        2.0,
+        False,
+    )
+    chosen = CalibrationConfig(rule="ltt", confidence=0.95)
+    assert calibration_config(UserProtocol(calibration=chosen)) is chosen
