@@ -1,6 +1,6 @@
 """What does running users as Flower virtual clients (Ray backend) cost over a plain loop?
 
-The same held-out users, the same per-user work (`fedexits.fl.worker`), in one run: first a plain
+The same held-out users, the same per-user work (`fedexits.study.worker`), in one run: first a plain
 in-process loop, then `python -m fedexits.simulate`'s Flower simulation (Ray start-up included).
 Writes JSON with `flower_over_loop` and checks that both paths computed the same results.
 
@@ -16,11 +16,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fedexits.engine import load_model
-from fedexits.fl.worker import get_worker, run_users_in_process
+from fedexits.fl.runtime import run_in_simulation_engine
 from fedexits.report.files import atomic_write_json
 from fedexits.report.results import build_frames
-from fedexits.simulate import TIMING_COLUMNS, compose_config, prepare, run_flower
+from fedexits.report.schema import TIMING_COLUMNS
+from fedexits.study import (
+    compose_config,
+    get_worker,
+    initial_exits,
+    prepare,
+    run_users_in_process,
+    sample_users,
+)
 
 
 def main() -> None:
@@ -31,14 +38,12 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = [f"simulation.num_users={args.num_clients}", "init=global", *args.overrides]
-    config = compose_config(overrides)
-    if config["dataset"].get("num_held_out", args.num_clients) < args.num_clients:
-        config["dataset"]["num_held_out"] = args.num_clients
-    prepared = prepare(config)
-    from fedexits.fl.server_app import sample_users
-
-    users = [prepared.users[p] for p in sample_users(prepared.num_held_out, args.num_clients, config["seed"])]
-    exits = load_model(prepared.config["checkpoint"])[0].exits.state_dict()
+    settings = compose_config(overrides)
+    if settings.dataset.num_held_out < args.num_clients:
+        settings = compose_config([*overrides, f"dataset.num_held_out={args.num_clients}"])
+    prepared = prepare(settings)
+    users = [prepared.users[p] for p in sample_users(prepared.num_held_out, args.num_clients, settings.seed)]
+    exits = initial_exits(prepared.plan, "global")
 
     # The loop gets its best setting: all cores for torch's kernels, or one thread (small ops
     # often run faster single-threaded); the faster of the two is the baseline.
@@ -46,14 +51,14 @@ def main() -> None:
     for threads in sorted({1, torch.get_num_threads()}, reverse=True):
         torch.set_num_threads(threads)
         started = time.perf_counter()
-        loop_records = run_users_in_process(prepared.config, users, exits)
+        loop_records = run_users_in_process(prepared.plan, users, exits)
         loop_times[threads] = time.perf_counter() - started
         get_worker.cache_clear()
     loop_threads = min(loop_times, key=loop_times.get)
     loop_s = loop_times[loop_threads]
 
     started = time.perf_counter()
-    flower_records = run_flower(prepared)["records"]
+    flower_records = run_in_simulation_engine(prepared).records
     flower_s = time.perf_counter() - started
 
     frames = [build_frames(r, prepared.cost_table)["per_user"] for r in (loop_records, flower_records)]
@@ -72,10 +77,10 @@ def main() -> None:
         "max_accuracy_difference": accuracy_gap,
         "loop_s_by_threads": loop_times,
         "loop_torch_threads": loop_threads,
-        "flower_client_cpus": prepared.config["simulation"]["client_cpus"],
+        "flower_client_cpus": settings.simulation.client_cpus,
         "failed": {
-            "loop": sum(r["result"] is None for r in loop_records),
-            "flower": sum(r["result"] is None for r in flower_records),
+            "loop": sum(r.result is None for r in loop_records),
+            "flower": sum(r.result is None for r in flower_records),
         },
         "overrides": overrides,
     }

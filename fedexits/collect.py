@@ -3,9 +3,11 @@
     python -m fedexits.collect SWEEP_DIR [--out DIR]
 
 SWEEP_DIR holds one numbered directory per job (0/, 1/, ...), each with `.hydra/overrides.yaml`
-and the run's outputs. A job is ok when its summary.json exists (the report writes it last);
-otherwise it failed, with the one-line error from its error.txt when there is one. Failed jobs
-are rows of the table too, so a sweep with a rejected setting still shows what was tried.
+and the run's outputs. A job is ok when its summary.json exists (the report writes it last) and
+says the run succeeded. It failed when it has no summary (with the one-line error from its
+error.txt when there is one) or when its summary says the run failed (too many users failed, or a
+bug): such a job keeps its rows, marked failed with the reason. Failed jobs are rows of the
+table too, so a sweep with a rejected setting still shows what was tried.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ def job_rows(job_dir: Path) -> list[dict]:
     summary, error = _read_summary(job_dir)
     if summary is None:
         return [{**base, "status": "failed", "error": error}]
+    status = (summary.get("meta") or {}).get("status") or {}
+    if status.get("status") == "failed":
+        base.update(status="failed", error=f"run failed: {status.get('reason')}")
     rows = []
     for init, results in (summary.get("inits") or {}).items():
         init_values = {"init": init, **{field: results.get(field) for field in INIT_FIELDS}}

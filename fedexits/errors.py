@@ -41,3 +41,19 @@ def one_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def check_settings(section: str, settings, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise SettingsError for the first failed check: `section.name must be expected, got value`.
+
+    `checks` holds (field name, whether its value is fine, what is expected)."""
+    for name, ok, expected in checks:
+        if not ok:
+            raise SettingsError(f"{section}.{name} must be {expected}, got {getattr(settings, name)!r}")
+
+
+def config_error_line(error: Exception, prefix: str = "") -> str:
+    """One line for an OmegaConf/Hydra error: the full key it concerns and what went wrong."""
+    key = getattr(error, "full_key", None)
+    message = one_line(getattr(error, "msg", None) or error)
+    return f"{prefix}{key}: {message}" if key else message

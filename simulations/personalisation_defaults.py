@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from fedexits.engine import load_model
-from fedexits.fl.worker import get_worker, run_users_in_process
 from fedexits.report.results import build_frames
-from fedexits.simulate import compose_config, prepare
+from fedexits.study import compose_config, get_worker, initial_exits, prepare, run_users_in_process
 
 CANDIDATES = {
     "paper (sgd lr=0.01, no guard)": {"lr": 0.01, "guard": False},
@@ -62,18 +61,17 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = compose_config(args.overrides)
-    prepared = prepare(config)
-    model, _ = load_model(prepared.config["checkpoint"])
-    exits = model.exits.state_dict()
+    prepared = prepare(compose_config(args.overrides))
+    exits = initial_exits(prepared.plan, "global")
     held_out = prepared.users[: prepared.num_held_out]
     rows = []
     for name, change in args.candidates.items():
-        run_config = json.loads(json.dumps(prepared.config))
-        run_config["personalisation"].update(change)
+        settings = prepared.plan.settings
+        settings = replace(settings, personalisation=replace(settings.personalisation, **change))
+        plan = replace(prepared.plan, settings=settings)
         get_worker.cache_clear()
         started = time.perf_counter()
-        records = run_users_in_process(run_config, held_out, exits, init=name)
+        records = run_users_in_process(plan, held_out, exits, init=name)
         frames = build_frames(records, prepared.cost_table)
         slug = "".join(c if c.isalnum() else "_" for c in name)
         frames["per_user"].to_csv(out / f"per_user_{slug}.csv", index=False)

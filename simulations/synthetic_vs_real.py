@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedexits.engine import load_model
-from fedexits.fl.worker import get_worker, run_users_in_process
 from fedexits.report import load_run
 from fedexits.report.markdown import markdown_table
 from fedexits.report.results import build_frames
-from fedexits.simulate import compose_config, prepare
+from fedexits.study import compose_config, get_worker, initial_exits, prepare, run_users_in_process
 
 
 def population_stats(
@@ -81,11 +79,11 @@ def main() -> None:
         columns[name] = population_stats(per_user, thresholds, meta["dataset"], meta["global_training"])
     for name, overrides in args.population:
         prepared = prepare(compose_config(overrides.split()))
-        exits = load_model(prepared.config["checkpoint"])[0].exits.state_dict()
+        exits = initial_exits(prepared.plan, "global")
         users = prepared.users[: min(args.users, prepared.num_held_out)]
         get_worker.cache_clear()
         frames = build_frames(
-            run_users_in_process(prepared.config, users, exits, init=name), prepared.cost_table
+            run_users_in_process(prepared.plan, users, exits, init=name), prepared.cost_table
         )
         frames["per_user"].to_csv(args.out / f"per_user_{name.replace(' ', '_')}.csv", index=False)
         columns[name] = population_stats(

@@ -1,7 +1,8 @@
 import pytest
 
-from fedexits.data import DataError, build_population, config_defaults, parse_config
+from fedexits.data import build_population, config_defaults, parse_config
 from fedexits.data.config import CONFIG_CLASSES, SyntheticConfig
+from fedexits.errors import SettingsError
 
 
 def test_every_source_has_documented_defaults():
@@ -16,7 +17,7 @@ def test_every_source_has_documented_defaults():
             "n_test",
             "min_images",
         } <= set(defaults)
-    assert config_defaults("synthetic")["num_writers"] == 500
+    assert config_defaults("synthetic")["num_writers"] == 400
     assert config_defaults("imagenet_folder")["popularity_sigma"] == 10.0
 
 
@@ -45,7 +46,7 @@ def test_cache_dir_is_expanded_and_ints_accepted_for_floats():
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_key(cfg, named):
-    with pytest.raises(DataError) as error:
+    with pytest.raises(SettingsError) as error:
         build_population(cfg)
     assert named in str(error.value)
     assert "\n" not in str(error.value)

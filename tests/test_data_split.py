@@ -10,6 +10,7 @@ from fedexits.data.split import (
     tuning_reporting_split,
     write_user_list,
 )
+from fedexits.errors import SettingsError, UserDataError
 
 
 def config(**overrides):
@@ -27,7 +28,7 @@ def test_split_sizes_and_fraction_note_for_small_users():
 
 
 def test_user_with_too_few_images_names_user_and_counts():
-    with pytest.raises(DataError, match=r"user tiny has 3 images; need at least 10"):
+    with pytest.raises(UserDataError, match=r"user tiny has 3 images; need at least 10"):
         split_user("tiny", 3, config(min_images=10))
 
 
@@ -47,11 +48,13 @@ def test_held_out_file(tmp_path):
     listing.write_text("# held out\nu3\n\nu1\n")
     global_users, held_out, _ = choose_held_out(counts, config(held_out_file=str(listing)))
     assert held_out == ["u3", "u1"] and "u3" not in global_users
-    listing.write_text("u1\nghost\n")
-    with pytest.raises(DataError, match="ghost"):
-        choose_held_out(counts, config(held_out_file=str(listing)))
-    listing.write_text("small\n")
-    with pytest.raises(DataError, match="user small has 3 images; need at least 10"):
+    # unknown or too small users are held out anyway: each fails alone when loaded
+    listing.write_text("u1\nghost\nsmall\n")
+    global_users, held_out, _ = choose_held_out(counts, config(held_out_file=str(listing)))
+    assert held_out == ["u1", "ghost", "small"] and "u1" not in global_users
+    # a file of which no user is usable is refused at once
+    listing.write_text("ghost\nsmall\n")
+    with pytest.raises(DataError, match="none of its 2 users is in the data"):
         choose_held_out(counts, config(held_out_file=str(listing)))
     with pytest.raises(DataError, match="missing.txt"):
         choose_held_out(counts, config(held_out_file=str(tmp_path / "missing.txt")))
@@ -70,7 +73,7 @@ def test_label_fraction_rounds_and_nests():
     assert bool((half | ~quarter).all())  # every sample labelled at 25% is labelled at 50%
     assert not bool((labelled_mask("u", 30, 0.5, 8) == half).all())
     for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(DataError, match="label_fraction"):
+        with pytest.raises(SettingsError, match="label_fraction"):
             labelled_mask("u", 30, bad, 0)
 
 

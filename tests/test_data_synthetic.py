@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fedexits.data import DataError, build_population, synthetic
+from fedexits.data import build_population, synthetic
 from fedexits.data.config import parse_config
 from fedexits.data.glyphs import available_fonts
+from fedexits.errors import SettingsError, UserDataError
 
 
 def tiny(tmp_path, **overrides):
@@ -145,11 +146,11 @@ def test_global_prior_has_frequent_digits(tmp_path):
 
 def test_unknown_and_too_small_users(tmp_path):
     population = build_population(tiny(tmp_path, min_images=30))
-    with pytest.raises(DataError, match="unknown user 'nobody'"):
+    with pytest.raises(UserDataError, match="unknown user 'nobody'"):
         population.load_user("nobody")
     small = min(population.user_counts, key=population.user_counts.get)
     assert population.user_counts[small] < 30 and small in population.dropped_users
-    with pytest.raises(DataError, match=rf"user {small} has \d+ images; need at least 30"):
+    with pytest.raises(UserDataError, match=rf"user {small} has \d+ images; need at least 30"):
         population.load_user(small)
 
 
@@ -157,5 +158,5 @@ def test_label_fraction_on_a_user(tmp_path):
     population = build_population(tiny(tmp_path))
     user = population.load_user(population.held_out_users[1], label_fraction=0.3, seed=4)
     assert user.n_labelled == int(0.3 * user.n_train + 0.5) and user.labelled.dtype == torch.bool
-    with pytest.raises(DataError, match="label_fraction"):
+    with pytest.raises(SettingsError, match="label_fraction"):
         population.load_user(population.held_out_users[1], label_fraction=2)

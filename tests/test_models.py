@@ -2,6 +2,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
+from fedexits.errors import CheckpointError
 from fedexits.models import build_multi_exit, cost_table, count_flops, place_exits
 from fedexits.models.backbones import split_mobilenet_v2, split_resnet
 from fedexits.models.costs import block_flops
@@ -96,9 +97,9 @@ def test_resnet50_builds_with_six_exits_at_imagenet_size():
 
 
 def test_missing_or_corrupt_backbone_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         tiny_model(weights=str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="not a readable torch file"):
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
         tiny_model(weights=str(bad))

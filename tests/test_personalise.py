@@ -224,9 +224,8 @@ def test_augmentation_disables_the_cache(user):
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5])
 def test_label_fraction_outside_unit_interval_is_refused(fraction):
-    from fedexits.fl.worker import personalisation_from_config
-    from fedexits.simulate import compose_config
+    from fedexits.errors import SettingsError
+    from fedexits.study import compose_config
 
-    config = compose_config([f"personalisation.label_fraction={fraction}"])
-    with pytest.raises(ValueError, match=r"label_fraction must be in \[0, 1\]"):
-        personalisation_from_config(config)
+    with pytest.raises(SettingsError, match=r"label_fraction must be in \[0, 1\]"):
+        compose_config([f"personalisation.label_fraction={fraction}"])

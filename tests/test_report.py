@@ -46,7 +46,7 @@ META = {
     "dataset": {"name": "synthetic"},
     "model": {"backbone": "tiny-cnn"},
     "seed": 7,
-    "drop_tolerance_pp": 1.0,
+    "calibration": {"drop_tolerance_pp": 1.0},
     "timings": {"global_model_s": 1.5, "simulation_s": 2.5, "total_s": 4.0},
     "config": {"personalisation": {"alpha": 1.0, "epochs": 3}},
 }
@@ -124,7 +124,7 @@ def make_sweep() -> pd.DataFrame:
 
 
 def make_failures() -> pd.DataFrame:
-    return pd.DataFrame({"user": ["u3"], "init": ["federated"], "error": [ERROR]})
+    return pd.DataFrame({"user": ["u3"], "init": ["federated"], "kind": ["user"], "error": [ERROR]})
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_figures_are_png_and_report_embeds_them(run_dir):
 def test_report_is_readable_on_its_own(run_dir):
     report = (run_dir / "report.md").read_text()
     assert report.startswith("# fedexits run report: synthetic / tiny-cnn")
-    assert f"- user `u3`, init `federated`: {ERROR}" in report
+    assert f"- user `u3`, init `federated` (user): {ERROR}" in report
     assert "| global | exit 0 |" in report and "| +1.67 |" in report  # per-exit table, gain
     assert "| total_s | 4.0 |" in report  # times
     assert "config.personalisation.alpha" in report  # setup from meta
@@ -247,7 +247,7 @@ def test_load_run_round_trips_the_tables(tmp_path):
 
 def test_no_failures_still_writes_failures_csv_with_header(tmp_path):
     write_run_report(tmp_path, make_per_user(), make_thresholds(), make_sweep(), None, META)
-    assert (tmp_path / "failures.csv").read_text().strip() == "user,init,error"
+    assert (tmp_path / "failures.csv").read_text().strip() == "user,init,kind,error"
     assert "No user failed." in (tmp_path / "report.md").read_text()
 
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from fedexits.data import build_population
-from fedexits.simulate import TIMING_COLUMNS, compose_config
+from fedexits.report.schema import TIMING_COLUMNS
+from fedexits.study import compose_config
 
 # Tiny and label-skewed (each writer sees few classes), so personalisation has something to learn.
 TINY = [
@@ -31,55 +32,72 @@ TINY = [
 ]
 
 
-def run_cli(args, env, check=True):
+def run_cli(args, env, check=True, cwd=None):
     result = subprocess.run(
         [sys.executable, "-m", "fedexits.simulate", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"simulate failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 
+def cache_env(path: Path) -> dict:
+    return {**os.environ, "FEDEXITS_CACHE_DIR": str(path)}
+
+
+def corrupt_labels(env: dict, users: slice) -> list[str]:
+    """Give held-out users labels outside the model's classes in the data cache: their clients
+    must fail alone, with one line each."""
+    settings = compose_config(TINY + [f"cache_dir={env['FEDEXITS_CACHE_DIR']}"])
+    population = build_population(settings.dataset)
+    chosen = population.held_out_users[users]
+    labels = np.load(Path(population.cache.path) / "labels.npy", mmap_mode="r+")
+    for user in chosen:
+        labels[population.cache.user_slice(user)] = 99
+    labels.flush()
+    return chosen
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "FEDEXITS_CACHE_DIR": str(cache)}
+    return cache_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
-def broken_user(env):
-    """Corrupt one held-out user's labels in the data cache: its client must fail alone."""
-    config = compose_config(TINY + [f"cache_dir={env['FEDEXITS_CACHE_DIR']}"])
-    population = build_population(config["dataset"])
-    user = population.held_out_users[0]
-    labels = np.load(Path(population.cache.path) / "labels.npy", mmap_mode="r+")
-    labels[population.cache.user_slice(user)] = 99
-    labels.flush()
-    return user
-
-
-@pytest.fixture(scope="module")
-def two_runs(env, broken_user, tmp_path_factory):
-    """The same seed twice, every init, every user (the broken one included)."""
-    runs = []
+def two_runs(tmp_path_factory):
+    """The same seed twice, each COLD (its own cache: data and global model built from scratch),
+    every init, every user, one of them broken. Returns (run dirs, the broken user)."""
+    runs, broken = [], set()
     for name in ("a", "b"):
+        env = cache_env(tmp_path_factory.mktemp(f"cache_{name}"))
+        broken.update(corrupt_labels(env, slice(0, 1)))
         out = tmp_path_factory.mktemp(f"run_{name}")
-        run_cli(TINY + ["init=compare", "simulation.num_users=null", f"hydra.run.dir={out}"], env)
+        overrides = [
+            "init=compare",
+            "simulation.num_users=null",
+            "simulation.max_failed_fraction=0.5",
+            "simulation.save_exits=true",
+        ]
+        run_cli(TINY + overrides + [f"hydra.run.dir={out}"], env)
         runs.append(out)
-    return runs
+    assert len(broken) == 1
+    return runs, broken.pop()
 
 
 def test_run_leaves_every_promised_file(two_runs):
-    out = two_runs[0]
+    out = two_runs[0][0]
     for name in (
         "per_user.csv",
         "thresholds.csv",
         "sweep.csv",
         "failures.csv",
+        "cost_table.csv",
+        "latency.csv",
         "summary.json",
         "report.md",
         "accuracy_cdf.png",
@@ -88,28 +106,27 @@ def test_run_leaves_every_promised_file(two_runs):
     ):
         assert (out / name).stat().st_size > 0, name
     per_user = pd.read_csv(out / "per_user.csv")
-    for column in (
-        "user",
-        "init",
-        "stage",
-        "exit",
-        "accuracy",
-        "mflops",
-        "params",
-        "latency_ms",
-        "n_train",
-        "n_test",
-    ):
+    for column in ("user", "init", "stage", "exit", "accuracy", "mflops", "params", "latency_ms", "n_train"):
         assert column in per_user.columns
     assert set(per_user["init"]) == {"global", "federated", "scratch"}
     assert set(per_user["stage"]) == {"global", "personalised"}
     assert sorted(per_user["exit"].unique()) == [0, 1, 2, 3, 4]
     thresholds = pd.read_csv(out / "thresholds.csv")
     assert {"threshold", "accuracy", "expected_mflops", "speedup"} <= set(thresholds.columns)
+    report = (out / "report.md").read_text()
+    assert "[`cost_table.csv`](cost_table.csv)" in report
+    assert "Latency (latency_ms, ms/sample) was measured with onnxruntime on 1 thread(s)" in report
+    latency = pd.read_csv(out / "latency.csv")
+    assert set(latency["runtime"]) == {"onnxruntime"} and set(latency["batch_size"]) == {1, 32}
+    assert "calibrated on the guard's validation split (the same images decide the guard" in report
+    assert "dataset.settings" not in report  # no font lists in the setup table
+    assert report.count("drop_tolerance_pp") == 1
+    for line in (out / "per_user.csv").read_text().splitlines()[1:]:
+        assert "0000000" not in line and "9999999" not in line, line  # no float32 tails
 
 
 def test_personalised_exits_beat_global_ones_and_final_is_untouched(two_runs):
-    per_user = pd.read_csv(two_runs[0] / "per_user.csv")
+    per_user = pd.read_csv(two_runs[0][0] / "per_user.csv")
     wide = per_user.pivot_table(index=["init", "user", "exit"], columns="stage", values="accuracy")
     final = wide.xs(4, level="exit")
     assert (final["global"] == final["personalised"]).all()
@@ -119,25 +136,77 @@ def test_personalised_exits_beat_global_ones_and_final_is_untouched(two_runs):
         assert gain["personalised"].mean() > gain["global"].mean(), init
 
 
-def test_broken_client_is_reported_and_the_run_completes(two_runs, broken_user):
-    failures = pd.read_csv(two_runs[0] / "failures.csv")
+def test_broken_client_is_reported_and_the_run_completes(two_runs):
+    (out, _), broken_user = two_runs
+    failures = pd.read_csv(out / "failures.csv")
     assert set(failures["user"]) == {broken_user}
     assert len(failures) == 3  # once per init
     assert failures["error"].str.contains(f"user {broken_user}").all()
     assert failures["error"].str.contains("labels must be in 0..61").all()
-    summary = json.loads((two_runs[0] / "summary.json").read_text())
+    assert set(failures["kind"]) == {"user"}
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["users"]["failed"] == 1 and summary["users"]["ok"] == 4
-    assert broken_user in (two_runs[0] / "report.md").read_text()
+    assert summary["status"] == "ok"  # 1 of 5 failed: within max_failed_fraction=0.5
+    assert broken_user in (out / "report.md").read_text()
 
 
-def test_same_seed_gives_identical_per_user_results(two_runs):
-    a, b = (pd.read_csv(run / "per_user.csv") for run in two_runs)
+def test_a_cold_run_is_reproducible_from_its_seed(two_runs):
+    """Two runs in separate caches build their data and global model from scratch; with the
+    same seed, every per-user number is the same (timing columns aside)."""
+    a, b = (pd.read_csv(run / "per_user.csv") for run in two_runs[0])
     keep = [c for c in a.columns if c not in TIMING_COLUMNS]
     assert len(a) == 4 * 2 * 5 * 3  # 4 ok users x 2 stages x 5 exits x 3 inits
     pd.testing.assert_frame_equal(a[keep], b[keep])
-    ta, tb = (pd.read_csv(run / "thresholds.csv") for run in two_runs)
+    ta, tb = (pd.read_csv(run / "thresholds.csv") for run in two_runs[0])
     keep = [c for c in ta.columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(ta[keep], tb[keep])
+    losses = [
+        json.loads((run / "summary.json").read_text())["meta"]["global_training"] for run in two_runs[0]
+    ]
+    assert losses[0]["epoch_loss"] == losses[1]["epoch_loss"]
+
+
+def test_a_saved_user_exports_to_onnx_and_bad_requests_are_one_line(two_runs, tmp_path):
+    (out, _), broken_user = two_runs
+    user = next(u for u in pd.read_csv(out / "per_user.csv")["user"].unique() if u != broken_user)
+    assert sorted(p.name for p in (out / "exits").iterdir()) == [
+        "federated",
+        "global",
+        "global_model.pt",
+        "scratch",
+    ]
+
+    def export(*args):
+        command = [sys.executable, "-m", "fedexits.export", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    result = export(str(out), "--user", user, "--init", "scratch", "--out", str(tmp_path / "onnx"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    thresholds = pd.read_csv(out / "thresholds.csv").set_index(["init", "user"])
+    assert {t for t in manifest["thresholds"] if t is not None} <= {
+        thresholds.loc[("scratch", user), "threshold"]
+    }
+    for args, message in (
+        (["--user", "nobody"], "exits file"),
+        (["--user", user, "--init", "elsewhere"], "does not exist"),
+    ):
+        result = export(str(out), *args, "--out", str(tmp_path / "never"))
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_a_run_in_which_every_user_fails_exits_non_zero_after_its_report(tmp_path):
+    env = cache_env(tmp_path / "cache")
+    corrupt_labels(env, slice(None))
+    out = tmp_path / "run"
+    result = run_cli(TINY + [f"hydra.run.dir={out}"], env, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "run failed: no user has a result" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["users"]["ok"] == 0
+    assert len(pd.read_csv(out / "failures.csv")) == 4
+    assert "Run status: **failed**: no user has a result" in (out / "report.md").read_text()
 
 
 def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
@@ -145,11 +214,12 @@ def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
     result = run_cli(
         ["-m", *TINY, "personalisation.lr=0.01,-1", "simulation.num_users=2", f"hydra.sweep.dir={sweep_dir}"],
         env,
+        check=False,
     )
-    assert result.returncode == 0
+    assert result.returncode == 2, result.stderr[-2000:]  # bad input in one job; the others ran
     assert (sweep_dir / "0" / "summary.json").exists()
     error = (sweep_dir / "1" / "error.txt").read_text().strip()
-    assert "lr must be > 0" in error and "\n" not in error
+    assert error == "personalisation.lr must be > 0, got -1.0"
     collected = subprocess.run(
         [sys.executable, "-m", "fedexits.collect", str(sweep_dir)],
         capture_output=True,
@@ -162,8 +232,50 @@ def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
     assert table.loc[table["status"] == "failed", "error"].str.contains("lr must be > 0").all()
 
 
-def test_bad_setting_in_a_single_run_is_one_clear_line(env, tmp_path):
-    result = run_cli(TINY + ["personalisation.temperature=0", f"hydra.run.dir={tmp_path}"], env, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: temperature must be > 0, got 0"
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("personalisation.temperature=0", "personalisation.temperature must be > 0, got 0.0"),
+        ("personalisation.epochs=ten", "personalisation.epochs: Value 'ten' of type 'str' could not be"),
+        ("simulation.num_users=0", "simulation.num_users must be an integer >= 1 (or null), got 0"),
+        ("simulation.client_cpus=0", "simulation.client_cpus must be > 0"),
+        ("federated.local_epochs=0", "federated.local_epochs must be an integer >= 1, got 0"),
+        ("dataset=femnist_leaf", "dataset.path is required"),
+        ("model=resnet", "model=resnet: no such option; available: femnist_mobilenet_v2, mobilenet_v2"),
+        ("dataset.num_writer=3", "dataset.num_writer: Key 'num_writer' not in 'SyntheticConfig'"),
+        ("device=cuda:7", "device cuda:7: no such CUDA device"),
+    ],
+)
+def test_bad_setting_is_one_line_and_refused_before_any_work(tmp_path, override, message):
+    """Every setting is checked before the data cache, the global model or Ray start."""
+    cache = tmp_path / "cache"
+    result = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], cache_env(cache), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {message}"), lines[-1]
     assert "Traceback" not in result.stderr
+    assert not cache.exists()  # no data cache, no global model
+
+
+def test_the_wheel_carries_the_configuration(tmp_path):
+    """A non-editable install must find conf/ inside the package (.ci/run also runs the smoke
+    experiment from an installed wheel in a fresh environment)."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fedexits-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "config.yaml",
+        "experiment/smoke.yaml",
+        "experiment/paper.yaml",
+        "experiment/imagenet.yaml",
+    ):
+        assert f"fedexits/conf/{expected}" in names, expected

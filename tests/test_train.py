@@ -5,6 +5,7 @@ from torch.utils.data import TensorDataset
 from fedexits.engine import TrainConfig, load_model, measure_latency, peak_memory_mb, train_global
 from fedexits.engine.checkpoint import save_checkpoint
 from fedexits.engine.profiling import latency_costs
+from fedexits.errors import CheckpointError
 from fedexits.models import build_multi_exit
 
 from .conftest import make_tiny_model, make_user
@@ -50,13 +51,30 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
 
 
-def test_joint_training_lowers_the_loss_of_every_exit():
-    model = fresh()
-    x, y = make_user(n=256, seed=2)
-    before = [torch.nn.functional.cross_entropy(z, y).item() for z in model.eval()(x)]
-    train_global(model, TensorDataset(x, y), TrainConfig(epochs=5, batch_size=32, lr=0.05), progress=False)
-    after = [torch.nn.functional.cross_entropy(z, y).item() for z in model(x)]
-    assert all(a < b - 0.3 for a, b in zip(after, before))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_joint_training_lowers_the_loss_of_every_exit(threads):
+    """Measured in evaluation mode, as the model is used. A short run at a high learning rate
+    leaves BatchNorm's running statistics behind the weights, and then the outcome depends on
+    floating-point reduction order (thread count, torch version); this run is long and gentle
+    enough that every exit learns with a wide margin, with 1 or 2 threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = fresh()
+        x, y = make_user(n=256, seed=2)
+        x_new, y_new = make_user(n=256, seed=3)
+        with torch.no_grad():
+            before = [torch.nn.functional.cross_entropy(z, y).item() for z in model.eval()(x)]
+        config = TrainConfig(epochs=10, batch_size=32, lr=0.01)
+        train_global(model, TensorDataset(x, y), config, progress=False)
+        with torch.no_grad():
+            after = [torch.nn.functional.cross_entropy(z, y).item() for z in model(x)]
+            final_accuracy = (model(x_new)[-1].argmax(1) == y_new).float().mean().item()
+    finally:
+        torch.set_num_threads(previous)
+    assert all(a < b - 0.25 for a, b in zip(after, before)), (before, after)
+    assert after[-1] < 0.5 * before[-1]
+    assert final_accuracy > 0.8  # 8 classes: chance is 0.125
 
 
 def test_exits_only_training_freezes_the_backbone():
@@ -79,25 +97,33 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
 
     other = build_multi_exit(backbone="femnist_mobilenet_v2", width_mult=0.25, num_exits=3)
-    with pytest.raises(ValueError, match=r"another architecture \(num_exits: checkpoint 4 vs model 3\)"):
+    with pytest.raises(CheckpointError, match=r"another architecture \(num_exits: checkpoint 4 vs model 3\)"):
         load_model(path, spec=other.spec)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[:1000])  # truncated
-    with pytest.raises(ValueError, match="corrupt or not a torch file"):
+    with pytest.raises(
+        CheckpointError, match=r"is truncated or corrupt \(\w+\); delete it to train the model again$"
+    ):
         load_model(corrupt)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model\n")
+    with pytest.raises(
+        CheckpointError, match="is not a file written by torch.save; delete it or give another path"
+    ):
+        load_model(text)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="not a fedexits checkpoint"):
+    with pytest.raises(CheckpointError, match="not a fedexits checkpoint"):
         load_model(foreign)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
     path = tmp_path / "m.pt"
     train_global(fresh(), data(), TrainConfig(epochs=1, batch_size=32), path, progress=False)
-    with pytest.raises(ValueError, match="another training or data config"):
-        train_global(fresh(), data(), TrainConfig(epochs=1, batch_size=32, lr=0.1), path, progress=False)
+    with pytest.raises(CheckpointError, match="another training or data config"):
+        train_global(fresh(), data(), TrainConfig(epochs=1, batch_size=32, lr=0.05), path, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -113,8 +139,7 @@ def test_latency_profile_and_peak_memory(tiny_model):
     table = measure_latency(tiny_model, batch_sizes=(1, 4), repeats=3)
     assert len(table) == 2 * (tiny_model.num_exits + 1)
     assert (table["latency_ms"] > 0).all() and (table["head_ms"] > 0).all()
-    b1 = table[table.batch_size == 1].set_index("exit")["latency_ms"]
-    assert b1.iloc[-1] > b1.iloc[0]  # the full network is slower than the first exit
+    # (no comparison of times: on a loaded machine any ordering can happen; benchmarks/ compare)
     costs = latency_costs(table, batch_size=1)
     assert len(costs.backbone) == tiny_model.num_exits + 1
 

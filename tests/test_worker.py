@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedexits.engine import ExitCosts, PersonalisationConfig
-from fedexits.engine.protocol import UserProtocol
-from fedexits.fl.worker import Worker, personalisation_from_config
+from fedexits.errors import SettingsError
 from fedexits.models import cost_table
+from fedexits.study import LatencyProfile, RunPlan, Worker, compose_config
 
 from .conftest import make_tiny_model, make_user
 
@@ -30,44 +29,47 @@ class ShiftedUsers:
 
 
 def make_worker(method: str) -> Worker:
-    model = make_tiny_model()
-    return Worker(
-        config={"seed": 0, "personalisation": {"label_fraction": 1.0}, "simulation": {"latency_repeats": 1}},
-        population=ShiftedUsers(),
-        users=["1", "2"],
-        model=model,
-        cost_table=cost_table(model),
-        personalisation=PersonalisationConfig(epochs=3, lr=0.05, guard=False),
-        protocol=UserProtocol(method=method),
-        _latency=ExitCosts([1.0, 2.0, 3.0, 4.0, 5.0], [0.1] * 5),
+    settings = compose_config(
+        [
+            f"personalisation.method={method}",
+            "personalisation.epochs=3",
+            "personalisation.lr=0.05",
+            "personalisation.guard=false",
+        ]
     )
+    model = make_tiny_model()
+    latency = LatencyProfile([1.0, 2.0, 3.0, 4.0, 5.0], [0.1] * 5)
+    plan = RunPlan(settings, checkpoint="unused.pt", architecture=model.spec.architecture(), latency=latency)
+    return Worker(plan, ShiftedUsers(), ["1", "2"], model, cost_table(model))
 
 
 @pytest.mark.parametrize("method", ["exits", "final", "full"])
 def test_each_user_starts_from_the_shared_model(method):
     """A baseline that fine-tunes the backbone or the final classifier must not hand its weights
-    to the next user that the same process serves."""
+    (or its random state) to the next user that the same process serves: the second user's
+    personalised model is bit-identical to the one a fresh worker makes for it."""
     worker = make_worker(method)
     exits = {k: v.clone() for k, v in worker.model.exits.state_dict().items()}
-    first = worker.personalise_user("1", exits)["result"]
-    after_first = worker.personalise_user("2", exits)["result"]
-    alone = make_worker(method).personalise_user("2", exits)["result"]
-    assert first["accuracy_after"] != first["accuracy_before"]  # the first user did change the model
-    assert after_first["accuracy_before"] == alone["accuracy_before"]
-    assert after_first["accuracy_after"] == alone["accuracy_after"]
-
-
-def settings(**personalisation):
-    return {"personalisation": {"alpha": 0.0, "beta": 0.0, **personalisation}, "simulation": {}}
+    first = worker.personalise_user("1", exits, "global").result
+    worker.personalise_user("2", exits, "global")
+    after_first = {k: v.clone() for k, v in worker.model.state_dict().items()}
+    alone = make_worker(method)
+    alone.personalise_user("2", exits, "global")
+    assert first.accuracy_after != first.accuracy_before  # the first user did change the model
+    for name, tensor in alone.model.state_dict().items():
+        assert torch.equal(after_first[name], tensor), name
 
 
 @pytest.mark.parametrize("label_fraction", [1.0, 0.0])
 def test_a_loss_that_is_zero_for_every_user_is_refused_before_the_run(label_fraction):
     gamma = 1.0 if label_fraction == 1.0 else 0.0  # gamma weighs only unlabelled samples
-    with pytest.raises(ValueError, match=f"zero for every sample at label_fraction={label_fraction}"):
-        personalisation_from_config(settings(gamma=gamma, label_fraction=label_fraction))
+    overrides = ["personalisation.alpha=0", "personalisation.beta=0", f"personalisation.gamma={gamma}"]
+    with pytest.raises(SettingsError, match=f"zero for every sample at label_fraction={label_fraction}"):
+        compose_config(overrides + [f"personalisation.label_fraction={label_fraction}"])
 
 
 def test_pseudo_labels_alone_are_a_valid_objective():
-    personalisation, _ = personalisation_from_config(settings(gamma=1.0, label_fraction=0.5))
-    assert personalisation.alpha == 0.0 and personalisation.gamma == 1.0
+    settings = compose_config(
+        ["personalisation.alpha=0", "personalisation.beta=0", "personalisation.label_fraction=0.5"]
+    )
+    assert settings.personalisation.alpha == 0.0 and settings.personalisation.gamma == 1.0

@@ -1,23 +1,26 @@
 """Every data configuration key, with its default, in one place.
 
-`build_population(cfg)` reads a flat mapping (a dict or a Hydra DictConfig). `cfg["source"]`
-picks one of the dataclasses below; every other key must be a field of that dataclass (unknown
-keys and wrong values raise a one-line DataError). Hydra YAMLs (conf/dataset/*.yaml) mirror these
-fields one to one.
+`build_population(cfg)` reads a mapping (a dict or a Hydra DictConfig): `cfg["source"]` picks one
+of the dataclasses below, OmegaConf checks every other key's name and type against it, and the
+dataclass checks the values. These dataclasses are also the command line's `dataset` options
+(registered as Hydra structured configs by `fedexits.study.config`): one definition of each
+default for notebooks and the command line alike.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedexits.data.base import DataError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedexits.errors import SettingsError, check_settings, config_error_line
 
 
-@dataclass(frozen=True)
+@dataclass
 class CommonConfig:
     """Keys shared by every source.
 
@@ -39,14 +42,28 @@ class CommonConfig:
     source: str = "synthetic"
     cache_dir: str | None = None  # None: default_cache_dir()
     seed: int = 0
-    num_held_out: int = 50
+    num_held_out: int = 250
     held_out_file: str | None = None
     n_test: int = 100
     max_test_fraction: float = 0.5
     min_images: int = 10
 
+    def __post_init__(self):
+        check_settings(
+            "dataset",
+            self,
+            [
+                ("source", self.source == SOURCE_OF.get(type(self)), repr(SOURCE_OF.get(type(self)))),
+                ("num_held_out", self.num_held_out >= 0, "an integer >= 0"),
+                ("n_test", self.n_test >= 1, "an integer >= 1"),
+                ("max_test_fraction", 0 < self.max_test_fraction <= 1, "in (0, 1]"),
+                ("min_images", self.min_images >= 2, "an integer >= 2"),
+            ],
+        )
+        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir or default_cache_dir()))
 
-@dataclass(frozen=True)
+
+@dataclass
 class SyntheticConfig(CommonConfig):
     """Offline FEMNIST-like handwriting: 62 classes, 28x28, one persistent style per writer.
 
@@ -55,27 +72,44 @@ class SyntheticConfig(CommonConfig):
         is normal with this mean and sd (FEMNIST: 227 and 89), clipped below at the minimum.
     style_strength: how different writers are. 0 = every writer writes in the same style (one
         font; no writer-specific slant, rotation, scale, position, pen width, ink, noise or
-        per-character distortion); 1 = default; higher = more
-        distinct writers. Continuous params scale linearly; the chance that a writer uses its own
-        font rather than the shared base font is min(1, style_strength).
+        per-character distortion); 1 = moderately distinct writers; 1.5 (default) = more.
+        Continuous params scale linearly; the chance that a writer uses its own font rather than
+        the shared base font is min(1, style_strength).
     label_skew: how concentrated a writer's classes are. 0 = every writer follows the global
         FEMNIST-like class prior; higher = fewer classes per writer: class frequencies are drawn
         from Dirichlet(62 * prior / label_skew). Effective classes per writer (exp entropy):
-        0 -> 34, 1 -> 24, 5 -> 13, 10 -> 9, 20 -> 6, 50 -> 3.
+        0 -> 34, 1 -> 24, 5 (default) -> 13, 10 -> 9, 20 -> 6, 50 -> 3.
     sample_jitter: variation between one writer's images of the same class (pose, distortion,
         pen width); 0 = a writer's images of a class differ only by pixel noise.
     """
 
-    num_writers: int = 500
+    source: str = "synthetic"
+    num_writers: int = 400
     images_per_writer_mean: float = 227.0
     images_per_writer_sd: float = 89.0
     images_per_writer_min: int = 40
-    style_strength: float = 1.0
-    label_skew: float = 0.0
+    style_strength: float = 1.5
+    label_skew: float = 5.0
     sample_jitter: float = 1.0
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_settings(
+            "dataset",
+            self,
+            [
+                ("num_writers", self.num_writers >= 2, "an integer >= 2"),
+                ("images_per_writer_mean", self.images_per_writer_mean >= 1, ">= 1"),
+                ("images_per_writer_sd", self.images_per_writer_sd >= 0, ">= 0"),
+                ("images_per_writer_min", self.images_per_writer_min >= 2, "an integer >= 2"),
+                ("style_strength", self.style_strength >= 0, ">= 0"),
+                ("label_skew", self.label_skew >= 0, ">= 0"),
+                ("sample_jitter", self.sample_jitter >= 0, ">= 0"),
+            ],
+        )
 
-@dataclass(frozen=True)
+
+@dataclass
 class FemnistLeafConfig(CommonConfig):
     """Real FEMNIST from LEAF's preprocessed JSON (converted once into the compact cache).
 
@@ -83,10 +117,16 @@ class FemnistLeafConfig(CommonConfig):
         (all_data_*_niid_*_{train,test}_*.json); a writer's train and test parts are merged.
     """
 
+    source: str = "femnist_leaf"
     path: str | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.path is None:
+            raise SettingsError("dataset.path is required: the LEAF data folder (with train/ and test/)")
 
-@dataclass(frozen=True)
+
+@dataclass
 class FemnistHubConfig(CommonConfig):
     """Real FEMNIST from Flower's dataset hub (flwrlabs/femnist), converted once into the cache.
 
@@ -95,11 +135,24 @@ class FemnistHubConfig(CommonConfig):
     dataset: hub dataset id used when path is null.
     """
 
-    path: str | list[str] | None = None
+    source: str = "femnist_hub"
+    path: Any = None  # str | list[str] | None (OmegaConf has no such union: checked below)
     dataset: str = "flwrlabs/femnist"
 
+    def __post_init__(self):
+        super().__post_init__()
+        paths = [self.path] if isinstance(self.path, str) else self.path
+        if self.path is not None and not (
+            isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths)
+        ):
+            raise SettingsError(
+                f"dataset.path must be a parquet path or a non-empty list of them, got {self.path!r}"
+            )
+        if isinstance(self.path, list):
+            self.path = list(self.path)  # a plain list, not OmegaConf's ListConfig
 
-@dataclass(frozen=True)
+
+@dataclass
 class ImageNetFolderConfig(CommonConfig):
     """Personalised ImageNet from a torchvision ImageFolder tree.
 
@@ -122,6 +175,7 @@ class ImageNetFolderConfig(CommonConfig):
     generated, named user_000, user_001, ...).
     """
 
+    source: str = "imagenet_folder"
     path: str | None = None
     image_size: int = 224
     resize_size: int | None = None
@@ -130,6 +184,24 @@ class ImageNetFolderConfig(CommonConfig):
     num_global_users: int = 10
     user_pool_fraction: float = 0.2
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.path is None:
+            raise SettingsError("dataset.path is required: the ImageFolder root (class folders)")
+        check_settings(
+            "dataset",
+            self,
+            [
+                ("held_out_file", self.held_out_file is None, "null (users are generated)"),
+                ("image_size", self.image_size >= 1, "an integer >= 1"),
+                ("resize_size", self.resize_size is None or self.resize_size >= 1, ">= 1 (or null)"),
+                ("images_per_user", self.images_per_user >= max(2, self.min_images), ">= min_images and 2"),
+                ("popularity_sigma", self.popularity_sigma > 0, "> 0"),
+                ("num_global_users", self.num_global_users >= 1, "an integer >= 1"),
+                ("user_pool_fraction", 0 < self.user_pool_fraction <= 1, "in (0, 1]"),
+            ],
+        )
+
 
 CONFIG_CLASSES: dict[str, type[CommonConfig]] = {
     "synthetic": SyntheticConfig,
@@ -137,99 +209,24 @@ CONFIG_CLASSES: dict[str, type[CommonConfig]] = {
     "femnist_leaf": FemnistLeafConfig,
     "imagenet_folder": ImageNetFolderConfig,
 }
-
-# (key, lowest allowed value, whether the bound is inclusive)
-_LOWER_BOUNDS = {
-    "num_held_out": (0, True),
-    "n_test": (1, True),
-    "max_test_fraction": (0.0, False),
-    "min_images": (2, True),
-    "num_writers": (2, True),
-    "images_per_writer_mean": (1.0, True),
-    "images_per_writer_sd": (0.0, True),
-    "images_per_writer_min": (2, True),
-    "style_strength": (0.0, True),
-    "label_skew": (0.0, True),
-    "sample_jitter": (0.0, True),
-    "image_size": (1, True),
-    "resize_size": (1, True),
-    "images_per_user": (2, True),
-    "popularity_sigma": (0.0, False),
-    "num_global_users": (1, True),
-    "user_pool_fraction": (0.0, False),
-}
-_UPPER_BOUNDS = {"max_test_fraction": 1.0, "user_pool_fraction": 1.0}
+SOURCE_OF = {config_class: source for source, config_class in CONFIG_CLASSES.items()}
 
 
-def _as_plain(value: Any) -> Any:
-    """Hydra gives ListConfig/DictConfig; turn sequences into plain lists."""
-    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "__iter__") and not isinstance(value, Mapping):
-        return [_as_plain(item) for item in value]
-    return value
-
-
-def _check_type(source: str, key: str, value: Any, annotation: str) -> Any:
-    def fail(expected: str) -> DataError:
-        return DataError(f"{source} config: {key}={value!r} should be {expected}")
-
-    optional = "None" in annotation
-    if value is None:
-        if optional:
-            return None
-        raise fail("set (it cannot be null)")
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise fail("an integer")
-    elif annotation.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail("a number")
-        value = float(value)
-    elif annotation.startswith("str | list"):
-        if isinstance(value, list):
-            if not value or not all(isinstance(item, str) for item in value):
-                raise fail("a path or a non-empty list of paths")
-        elif not isinstance(value, str):
-            raise fail("a path or a list of paths")
-    elif annotation.startswith("str") and not isinstance(value, str):
-        raise fail("a string")
-    if key in _LOWER_BOUNDS:
-        low, inclusive = _LOWER_BOUNDS[key]
-        if value < low or (value == low and not inclusive):
-            raise fail(f"{'>=' if inclusive else '>'} {low}")
-    if key in _UPPER_BOUNDS and value > _UPPER_BOUNDS[key]:
-        raise fail(f"<= {_UPPER_BOUNDS[key]}")
-    return value
-
-
-def parse_config(cfg: Mapping) -> CommonConfig:
-    """Validate a flat mapping into the dataclass of its source; DataError on anything wrong."""
+def parse_config(cfg: Mapping | CommonConfig) -> CommonConfig:
+    """The dataclass a mapping describes; SettingsError (one line naming the key) on an unknown
+    source or key, a value of the wrong type, or a value out of range."""
+    if isinstance(cfg, CommonConfig):
+        return cfg
     if not isinstance(cfg, Mapping):
-        raise DataError(f"data config should be a mapping, got {type(cfg).__name__}")
-    raw = {str(key): _as_plain(value) for key, value in cfg.items()}
-    source = raw.get("source", CommonConfig.source)
+        raise SettingsError(f"dataset config must be a mapping, got {type(cfg).__name__}")
+    source = cfg.get("source", CommonConfig.source)
     if source not in CONFIG_CLASSES:
-        raise DataError(f"unknown data source {source!r}; expected one of {sorted(CONFIG_CLASSES)}")
-    config_class = CONFIG_CLASSES[source]
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise DataError(
-            f"unknown key(s) {unknown} for data source {source!r}; expected some of {sorted(fields)}"
-        )
-    values = {key: _check_type(source, key, value, str(fields[key].type)) for key, value in raw.items()}
-    values["source"] = source
-    values["cache_dir"] = os.path.abspath(os.path.expanduser(values.get("cache_dir") or default_cache_dir()))
-    if source in ("femnist_leaf", "imagenet_folder") and values.get("path") is None:
-        raise DataError(f"{source} config: path is required")
-    if source == "imagenet_folder" and values.get("held_out_file") is not None:
-        raise DataError("imagenet_folder config: held_out_file is not supported (users are generated)")
-    return config_class(**values)
+        raise SettingsError(f"dataset.source must be one of {sorted(CONFIG_CLASSES)}, got {source!r}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(CONFIG_CLASSES[source]), cfg)
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as error:
+        raise SettingsError(config_error_line(error, prefix="dataset.")) from None
 
 
 def default_cache_dir() -> str:
@@ -239,5 +236,4 @@ def default_cache_dir() -> str:
 
 def config_defaults(source: str) -> dict[str, Any]:
     """Default values of every key of one source (handy for writing YAMLs and reports)."""
-    config_class = CONFIG_CLASSES[source]
-    return {f.name: f.default for f in dataclasses.fields(config_class)} | {"source": source}
+    return OmegaConf.to_container(OmegaConf.structured(CONFIG_CLASSES[source])) | {"source": source}

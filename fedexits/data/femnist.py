@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedexits.data.base import DataError, Population, UserData
+from fedexits.data.base import Population, UserData, UserDataError
 from fedexits.data.cache import ImageCache
 from fedexits.data.config import CommonConfig
 from fedexits.data.split import choose_held_out, labelled_mask, split_user, too_few_images
@@ -82,7 +82,7 @@ class CachedPopulation(Population):
 
     def _check_user(self, user: str) -> None:
         if user not in self.cache.users:
-            raise DataError(f"unknown user {user!r}: {self.name} has {len(self.cache.users)} users")
+            raise UserDataError(f"unknown user {user!r}: {self.name} has {len(self.cache.users)} users")
         if self.user_counts[user] < self.cfg.min_images:
             raise too_few_images(user, self.user_counts[user], self.cfg.min_images)
 

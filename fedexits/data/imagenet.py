@@ -21,7 +21,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
-from fedexits.data.base import DataError, Population, UserData
+from fedexits.data.base import DataError, Population, UserData, UserDataError
 from fedexits.data.cache import CacheInvalid, build_once, cache_name
 from fedexits.data.config import ImageNetFolderConfig
 from fedexits.data.split import labelled_mask, rng_for, split_user
@@ -192,8 +192,6 @@ class ImageFolderPopulation(Population):
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        if cfg.images_per_user < cfg.min_images:
-            raise DataError(f"images_per_user={cfg.images_per_user} is below min_images={cfg.min_images}")
         if "all" in self.index.roots:
             self._pools = self._split_single_folder()
         else:
@@ -276,7 +274,7 @@ class ImageFolderPopulation(Population):
             try:
                 images.append(self.transform(default_loader(path)))
             except (OSError, ValueError) as error:
-                raise DataError(f"unreadable image {path}: {error}") from None
+                raise UserDataError(f"unreadable image {path}: {error}") from None
         targets = torch.tensor([dataset.targets[i] for i in indices], dtype=torch.int64)
         empty = torch.empty(0, *self.input_shape)
         return (torch.stack(images) if images else empty), targets
@@ -287,7 +285,7 @@ class ImageFolderPopulation(Population):
         elif user_id in self.global_users:
             split, rows = self._global_shard(user_id)
         else:
-            raise DataError(
+            raise UserDataError(
                 f"unknown user {user_id!r}: imagenet_folder has users user_000.."
                 f"user_{len(self.held_out_users) - 1:03d} and global_000.."
             )

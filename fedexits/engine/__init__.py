@@ -2,6 +2,9 @@
 everything is usable from a notebook."""
 
 from .calibration import (
+    CALIBRATION_PRESETS,
+    ROUTES,
+    RULES,
     THRESHOLDS,
     Calibration,
     CalibrationConfig,
@@ -12,6 +15,8 @@ from .calibration import (
     sweep,
 )
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .device import module_device, resolve_device
+from .export import ExportSettings, export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
     dynamic_inference,
@@ -20,7 +25,9 @@ from .inference import (
     fixed_exit_inference,
     fold_batchnorm,
 )
+from .latency import RUNTIMES, LatencySettings, profile_exit_latency
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
+from .onnx_runtime import OnnxEarlyExit
 from .out_of_fold import OutOfFoldConfig, OutOfFoldResult, personalise_out_of_fold
 from .personalise import (
     METHODS,
@@ -33,17 +40,32 @@ from .personalise import (
     personalise,
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
-from .protocol import UserProtocol, run_user
-from .train import TrainConfig, train_global
+from .pruning import (
+    PRUNING_METHODS,
+    PruningConfig,
+    PruningResult,
+    evaluate_pruned,
+    final_network,
+    prune_agnostic,
+    prune_data,
+    prune_sweep,
+)
+from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_exits
+from .train import TRAIN_PRESETS, TrainConfig, train_global
 
 __all__ = [
-    "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts", "apply_calibration",
-    "calibrate", "pareto_front", "sweep", "load_model", "read_checkpoint", "save_checkpoint",
-    "EarlyExitOutput", "dynamic_inference", "exit_accuracies", "exit_probabilities",
-    "fixed_exit_inference", "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights",
-    "sdn_loss", "METHODS", "PRESETS", "PersonalisationConfig", "PersonalisationResult",
-    "finetune_final", "finetune_full", "no_personalisation", "personalise", "OutOfFoldConfig",
-    "OutOfFoldResult", "personalise_out_of_fold", "confidence_profile", "latency_costs",
-    "measure_latency", "peak_memory_mb", "UserProtocol", "run_user", "TrainConfig",
-    "train_global",
+    "CALIBRATION_PRESETS", "ROUTES", "RULES", "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts",
+    "apply_calibration", "calibrate", "pareto_front", "sweep", "load_model", "read_checkpoint",
+    "save_checkpoint", "EarlyExitOutput",
+    "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
+    "fold_batchnorm", "ExitLossWeights", "exit_loss", "sdn_exit_weights", "sdn_loss", "METHODS",
+    "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
+    "finetune_full", "no_personalisation", "personalise", "PRUNING_METHODS", "PruningConfig",
+    "PruningResult", "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
+    "prune_sweep", "OutOfFoldConfig", "OutOfFoldResult", "personalise_out_of_fold",
+    "confidence_profile", "latency_costs",
+    "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
+    "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
+    "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",
+    "exits_file", "load_exits", "save_exits", "module_device", "resolve_device",
 ]  # fmt: skip

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import SettingsError
+from ..errors import check_settings
+from .out_of_fold import OutOfFoldConfig
 from .risk_control import drop_p_values, fixed_sequence
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]
@@ -142,19 +143,26 @@ def pareto_front(table: pd.DataFrame, cost: str = "expected_mflops") -> pd.DataF
 
 
 RULES = ("plain", "margin", "ltt")
+# Where the calibration samples (and the guard's evidence) come from: the guard's validation split
+# (~20% of the personalisation images; the exits train on the rest), or out-of-fold outputs on
+# every personalisation image (`out_of_fold`; the deployed exits train on all of them).
+ROUTES = ("validation", "out_of_fold")
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibrationConfig:
-    """How a user's threshold is chosen on its calibration samples.
+    """How a user's threshold is chosen on its calibration samples (the command line's
+    `calibration` section).
 
     rule:
       - "ltt": Learn-then-Test with exact paired tests (see `risk_control`): with probability at
         least `confidence` over the calibration samples, the chosen policy's accuracy drop against
         the final exit is at most `drop_tolerance_pp` (on the population the samples come from).
       - "margin": the measured drop plus `margin_z` standard errors within the tolerance (a
-        heuristic with no stated guarantee; the previous default, z=1).
-      - "plain": the measured drop within the tolerance (no margin; overshoots on small sets).
+        heuristic with no stated guarantee; the default before issue 9, z=1).
+      - "plain": the measured drop within the tolerance (no margin; the paper's rule).
+    route: "validation" or "out_of_fold" (see ROUTES); `out_of_fold` holds the folds and the
+    guard's test on that route.
     thresholds: the grid (any order; duplicates ignored). A sample leaves at the first active exit
     whose top-1 softmax exceeds the threshold, so 1.0 sends every sample to the final exit.
     prune_exits: switch off exits whose heads cost more than the samples leaving there save.
@@ -164,29 +172,43 @@ class CalibrationConfig:
     drop_tolerance_pp: float = 1.0
     confidence: float = 0.9
     margin_z: float = 1.0
+    route: str = "validation"
+    out_of_fold: OutOfFoldConfig = field(default_factory=OutOfFoldConfig)
     prune_exits: bool = True
     thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
 
     def __post_init__(self):
         thresholds = list(self.thresholds) if isinstance(self.thresholds, (list, tuple)) else []
-        checks = [
-            ("rule", self.rule in RULES, f"one of {', '.join(RULES)}"),
-            ("drop_tolerance_pp", 0 <= self.drop_tolerance_pp < 100, "in [0, 100)"),
-            ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
-            ("margin_z", self.margin_z >= 0, ">= 0"),
-            (
-                "thresholds",
-                len(thresholds) > 0 and all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds),
-                "a non-empty list of numbers in [0, 1]",
-            ),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise SettingsError(f"calibration.{name} must be {expected}, got {getattr(self, name)!r}")
+        check_settings(
+            "calibration",
+            self,
+            [
+                ("rule", self.rule in RULES, f"one of {', '.join(RULES)}"),
+                ("drop_tolerance_pp", 0 <= self.drop_tolerance_pp < 100, "in [0, 100) percentage points"),
+                ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
+                ("margin_z", self.margin_z >= 0, ">= 0 standard errors"),
+                ("route", self.route in ROUTES, f"one of {', '.join(ROUTES)}"),
+                (
+                    "thresholds",
+                    bool(thresholds) and all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds),
+                    "a non-empty list of numbers in [0, 1]",
+                ),
+            ],
+        )
+        if isinstance(self.out_of_fold, dict):  # a plain mapping (e.g. from JSON)
+            self.out_of_fold = OutOfFoldConfig(**self.out_of_fold)
 
     @property
     def delta(self) -> float:
         return 1 - self.confidence
+
+
+# Named settings (the command line's `calibration=NAME`): changes to the defaults above.
+CALIBRATION_PRESETS: dict[str, dict] = {
+    "default": {},
+    "paper": dict(rule="plain"),  # the paper's rule: the measured drop within the tolerance
+    "margin": dict(rule="margin"),  # the default before issue 9 (one standard error)
+}
 
 
 @dataclass

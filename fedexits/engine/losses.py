@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserDataError, check_settings
+
 
 @dataclass(frozen=True)
 class ExitLossWeights:
@@ -20,18 +22,18 @@ class ExitLossWeights:
     temperature: float = 1.0
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_settings(  # `not x < 0` would let NaN through; these reject it
+            "personalisation",
+            self,
+            [(name, getattr(self, name) >= 0, ">= 0") for name in ("alpha", "beta", "gamma")]
+            + [("temperature", self.temperature > 0, "> 0")],
+        )
 
     def check_active(self, n_labelled: int, n_unlabelled: int) -> None:
         """Reject settings where every term is zero for every sample: nothing would train."""
         active = self.beta > 0 or (self.alpha > 0 and n_labelled > 0) or (self.gamma > 0 and n_unlabelled > 0)
         if not active:
-            raise ValueError(
+            raise UserDataError(
                 f"loss is zero for every sample: alpha={self.alpha} with {n_labelled} labelled, "
                 f"gamma={self.gamma} with {n_unlabelled} unlabelled samples, beta={self.beta}; "
                 "set a weight that applies to this user's data"

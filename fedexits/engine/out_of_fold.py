@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import SettingsError, UserDataError
+from ..errors import UserDataError, check_settings
 from .features import FrozenFeatures
 from .personalise import (
     PersonalisationConfig,
     PersonalisationResult,
     check_user_data,
     random_affine,
+    to_model_device,
     train_exits,
 )
 from .risk_control import mcnemar_p_value, sign_flip_p_value
@@ -33,7 +34,7 @@ from .risk_control import mcnemar_p_value, sign_flip_p_value
 GUARD_TESTS = ("point", "paired")
 
 
-@dataclass(frozen=True)
+@dataclass
 class OutOfFoldConfig:
     """folds: k (>= 2). stratify: spread each class (label, or the final exit's top-1 where
     unlabelled) evenly over the folds. guard_test: "point" keeps an exit's personalised weights
@@ -47,14 +48,15 @@ class OutOfFoldConfig:
     guard_confidence: float = 0.8
 
     def __post_init__(self):
-        checks = [
-            ("folds", isinstance(self.folds, int) and self.folds >= 2, "an integer >= 2"),
-            ("guard_test", self.guard_test in GUARD_TESTS, f"one of {', '.join(GUARD_TESTS)}"),
-            ("guard_confidence", 0 < self.guard_confidence < 1, "in (0, 1)"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise SettingsError(f"out_of_fold.{name} must be {expected}, got {getattr(self, name)!r}")
+        check_settings(
+            "calibration.out_of_fold",
+            self,
+            [
+                ("folds", isinstance(self.folds, int) and self.folds >= 2, "an integer >= 2"),
+                ("guard_test", self.guard_test in GUARD_TESTS, f"one of {', '.join(GUARD_TESTS)}"),
+                ("guard_confidence", 0 < self.guard_confidence < 1, "in (0, 1)"),
+            ],
+        )
 
 
 @dataclass
@@ -146,6 +148,7 @@ def personalise_out_of_fold(
     config = config or PersonalisationConfig()
     out_of_fold = out_of_fold or OutOfFoldConfig()
     labelled = check_user_data(model, x, y, labelled)
+    x, y, labelled = to_model_device(model, x, y, labelled)
     k, n = out_of_fold.folds, len(x)
     if n < 2 * k:
         raise UserDataError(
@@ -162,7 +165,7 @@ def personalise_out_of_fold(
     source = train_source if augment is None else FrozenFeatures(model, x, budget_mb=config.cache_budget_mb)
     shared = source.exit_probabilities()
     targets = torch.where(labelled, y, shared[-1].argmax(dim=-1))
-    fold = assign_folds(targets, k, config.seed, out_of_fold.stratify)
+    fold = assign_folds(targets.cpu(), k, config.seed, out_of_fold.stratify).to(x.device)
     features_s = time.perf_counter() - start
 
     personalised = shared.clone()
@@ -179,7 +182,7 @@ def personalise_out_of_fold(
     folds_s = time.perf_counter() - start - features_s
 
     model.exits.load_state_dict(incoming)
-    losses = _train(model, train_source, torch.arange(n), y, labelled, config)
+    losses = _train(model, train_source, torch.arange(n, device=x.device), y, labelled, config)
     num_exits = model.num_exits
     if config.guard:
         keep, p_values = guard_decisions(

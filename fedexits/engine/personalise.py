@@ -15,18 +15,22 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from ..errors import SettingsError, UserDataError, check_settings
+from .device import module_device
 from .features import FrozenFeatures
 from .losses import ExitLossWeights, exit_loss
 
-# The paper's setting (SGD, lr 0.01, 10 epochs, no guard). On real FEMNIST it made exits worse
-# for most writers; see README "Personalisation defaults".
+# Named settings (the command line's `personalisation=NAME`): changes to the defaults below.
+# "paper" is the paper's setting (SGD, lr 0.01, 10 epochs, no guard); on real FEMNIST it made exits
+# worse for most writers (README, "Choosing the personalisation defaults").
+GUARD_METRICS = ("cross_entropy", "accuracy")
 PRESETS: dict[str, dict] = {
-    "paper": dict(optimizer="sgd", lr=0.01, momentum=0.9, epochs=10, guard=False),
     "default": {},
+    "paper": dict(optimizer="sgd", lr=0.01, momentum=0.9, epochs=10, guard=False),
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class PersonalisationConfig:
     alpha: float = 1.0
     beta: float = 0.0
@@ -48,29 +52,26 @@ class PersonalisationConfig:
 
     def __post_init__(self):
         self.loss_weights()  # validates alpha, beta, gamma, temperature
-        checks = [
-            ("epochs", self.epochs >= 0, "an integer >= 0"),
-            ("lr", self.lr > 0, "> 0"),
-            ("batch_size", self.batch_size >= 2, "an integer >= 2"),
-            ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
-            ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
-            (
-                "guard_metric",
-                self.guard_metric in ("cross_entropy", "accuracy"),
-                "'cross_entropy' or 'accuracy'",
-            ),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("cache_budget_mb", self.cache_budget_mb >= 0, ">= 0"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"personalisation {name} must be {expected}, got {getattr(self, name)!r}")
+        check_settings(
+            "personalisation",
+            self,
+            [
+                ("epochs", self.epochs >= 0, "an integer >= 0"),
+                ("lr", self.lr > 0, "> 0"),
+                ("batch_size", self.batch_size >= 2, "an integer >= 2"),
+                ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
+                ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
+                ("guard_metric", self.guard_metric in GUARD_METRICS, "'cross_entropy' or 'accuracy'"),
+                ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("cache_budget_mb", self.cache_budget_mb >= 0, ">= 0"),
+            ],
+        )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> PersonalisationConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown personalisation preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise SettingsError(f"unknown personalisation preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def loss_weights(self) -> ExitLossWeights:
@@ -96,21 +97,27 @@ class PersonalisationResult:
 def check_user_data(model, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None):
     """Validate one user's tensors; returns the labelled mask."""
     if x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"user dataset is empty or not (N, C, H, W): got shape {tuple(x.shape)}")
+        raise UserDataError(f"user dataset is empty or not (N, C, H, W): got shape {tuple(x.shape)}")
     if tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(f"user images have shape {tuple(x.shape[1:])}, model expects {model.input_shape}")
+        raise UserDataError(f"user images have shape {tuple(x.shape[1:])}, model expects {model.input_shape}")
     if y.shape != (len(x),):
-        raise ValueError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
+        raise UserDataError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
     num_classes = num_classes_of(model)
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
+        raise UserDataError(
             f"labels must be in 0..{num_classes - 1} for this model, got {int(y.min())}..{int(y.max())}"
         )
     if labelled is None:
         return torch.ones(len(x), dtype=torch.bool)
     if labelled.shape != (len(x),) or labelled.dtype != torch.bool:
-        raise ValueError(f"labelled mask must be a bool tensor of shape ({len(x)},)")
+        raise UserDataError(f"labelled mask must be a bool tensor of shape ({len(x)},)")
     return labelled
+
+
+def to_model_device(model, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors on the model's device (a no-op on the CPU)."""
+    device = module_device(model)
+    return tuple(t.to(device) for t in tensors)
 
 
 def num_classes_of(model) -> int:
@@ -120,7 +127,7 @@ def num_classes_of(model) -> int:
 def split_validation(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of n samples into (train, validation); at least one sample on each side."""
     if n < 2:
-        raise ValueError(f"user has {n} personalisation sample(s); the guard needs at least 2")
+        raise UserDataError(f"user has {n} personalisation sample(s); the guard needs at least 2")
     n_val = min(n - 1, max(1, round(val_fraction * n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
@@ -223,6 +230,7 @@ def personalise(
     """
     config = replace(config or PersonalisationConfig(), **overrides)
     labelled = check_user_data(model, x, y, labelled)
+    x, y, labelled = to_model_device(model, x, y, labelled)
     weights = config.loss_weights()
     start = time.perf_counter()
     train_idx = torch.arange(len(x))
@@ -280,7 +288,8 @@ def finetune_final(model, x, y, labelled=None, config=None, **overrides) -> Pers
     config = replace(config or PersonalisationConfig(), **overrides)
     labelled = check_user_data(model, x, y, labelled)
     if not labelled.any():
-        raise ValueError("final-classifier fine-tuning needs labelled samples; this user has none")
+        raise UserDataError("final-classifier fine-tuning needs labelled samples; this user has none")
+    x, y, labelled = to_model_device(model, x, y, labelled)
     start = time.perf_counter()
     model.eval()
     with torch.no_grad():
@@ -289,14 +298,16 @@ def finetune_final(model, x, y, labelled=None, config=None, **overrides) -> Pers
     optimizer = make_optimizer(model.classifier.parameters(), config)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
-    for _ in range(config.epochs):
-        model.classifier.train()
-        for idx in _batches(torch.randperm(len(y_lab), generator=generator), config.batch_size):
-            loss = F.cross_entropy(model.classifier(last[idx]), y_lab[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        losses.append(loss.item())
+    with torch.random.fork_rng():  # dropout draws from the user's seed, not the process's history
+        torch.manual_seed(config.seed)
+        for _ in range(config.epochs):
+            model.classifier.train()
+            for idx in _batches(torch.randperm(len(y_lab), generator=generator), config.batch_size):
+                loss = F.cross_entropy(model.classifier(last[idx]), y_lab[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.item())
     model.eval()
     return PersonalisationResult("final", time.perf_counter() - start, len(y_lab), 0, epoch_losses=losses)
 
@@ -307,13 +318,14 @@ def finetune_full(model, x, y, labelled=None, config=None, **overrides) -> Perso
     config = replace(config or PersonalisationConfig(), **overrides)
     labelled = check_user_data(model, x, y, labelled)
     if not labelled.any():
-        raise ValueError("full fine-tuning needs labelled samples; this user has none")
+        raise UserDataError("full fine-tuning needs labelled samples; this user has none")
+    x, y, labelled = to_model_device(model, x, y, labelled)
     start = time.perf_counter()
     x_lab, y_lab = x[labelled], y[labelled]
     optimizer = make_optimizer(model.parameters(), config)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
-    model.eval()  # BatchNorm in eval mode; gradients still flow to every weight
+    model.eval()  # BatchNorm and dropout in eval mode (nothing random); gradients reach every weight
     for _ in range(config.epochs):
         for idx in _batches(torch.randperm(len(y_lab), generator=generator), config.batch_size):
             loss = sum(F.cross_entropy(z, y_lab[idx]) for z in model(x_lab[idx]))

@@ -15,6 +15,10 @@ from torch.utils._pytree import tree_leaves
 
 from .calibration import ExitCosts
 
+# Per-exit latency is measured at batch 1 (a phone classifying one image) and at a larger batch.
+LATENCY_BATCH_SIZES = (1, 32)
+LATENCY_REPEATS = 20
+
 
 def _elapsed_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
@@ -40,7 +44,9 @@ def interleaved_medians_ms(
 
 
 @torch.no_grad()
-def measure_latency(model, batch_sizes: Sequence[int] = (1, 32), repeats: int = 20) -> pd.DataFrame:
+def measure_latency(
+    model, batch_sizes: Sequence[int] = LATENCY_BATCH_SIZES, repeats: int = LATENCY_REPEATS
+) -> pd.DataFrame:
     """Per exit (0..M, M = full network): latency of the network truncated there and of its head
     alone, at each batch size (median of repeated, interleaved runs on inputs of the model's
     shape)."""

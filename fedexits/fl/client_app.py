@@ -2,23 +2,23 @@
 
 - query: tell the server which partition (user) this node is.
 - train: one round of federated exit training on this user's data (global population).
-- evaluate: the paper's protocol for a held-out user — evaluate, personalise, calibrate, report.
+- evaluate: the paper's protocol for a held-out user: evaluate, personalise, calibrate, report.
+
+A user whose data cannot work (UserDataError) gets a USER_ERROR reply with one line; any other
+exception is a bug: Flower logs its traceback and the server fails the run.
 """
 
 from __future__ import annotations
-
-import json
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..data import DataError
-from .worker import Worker, get_worker
+from ..errors import UserDataError, one_line
+from ..study.worker import Worker, get_worker
 
-# Error code for failures of the user's data or settings (Flower's own codes are small ints).
+# Error code for a user's unusable data (Flower's own codes are small ints).
 USER_ERROR = 1000
-EXPECTED_ERRORS = (DataError, ValueError, FileNotFoundError)
 
 app = ClientApp()
 
@@ -27,17 +27,16 @@ def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _worker(config) -> Worker:
+def _worker(config: ConfigRecord) -> Worker:
     """This process's worker; torch uses as many threads as the client was given CPUs (Ray
     actors otherwise oversubscribe the machine: N actors x all cores)."""
-    worker = get_worker(str(config["run-config"]))
-    torch.set_num_threads(max(1, int(worker.config["simulation"]["client_cpus"])))
+    worker = get_worker(str(config["plan"]))
+    torch.set_num_threads(max(1, int(worker.plan.settings.simulation.client_cpus)))
     return worker
 
 
-def _user_error(msg: Message, user: str, exc: Exception) -> Message:
-    reason = f"user {user}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    return Message(Error(code=USER_ERROR, reason=reason), reply_to=msg)
+def _user_error(msg: Message, user: str, exc: UserDataError) -> Message:
+    return Message(Error(code=USER_ERROR, reason=f"user {user}: {one_line(exc)}"), reply_to=msg)
 
 
 @app.query()
@@ -55,7 +54,7 @@ def train_exits(msg: Message, context: Context) -> Message:
         state, n, loss = worker.train_user(
             user, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"])
         )
-    except EXPECTED_ERRORS as exc:
+    except UserDataError as exc:
         return _user_error(msg, user, exc)
     metrics = MetricRecord({"num-examples": n, "train-loss": loss})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
@@ -63,13 +62,14 @@ def train_exits(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def personalise_user(msg: Message, context: Context) -> Message:
-    """Evaluate every exit, personalise them, calibrate the threshold, reply with the numbers."""
+    """Evaluate every exit, personalise them, calibrate the threshold, reply with the record."""
     config = msg.content["config"]
     worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
-        record = worker.personalise_user(user, msg.content["arrays"].to_torch_state_dict())
-    except EXPECTED_ERRORS as exc:
+        record = worker.personalise_user(
+            user, msg.content["arrays"].to_torch_state_dict(), str(config["init"])
+        )
+    except UserDataError as exc:
         return _user_error(msg, user, exc)
-    info = ConfigRecord({"user": user, "notes": json.dumps(record["notes"])})
-    return Message(RecordDict({"result": MetricRecord(record["result"]), "info": info}), reply_to=msg)
+    return Message(RecordDict({"result": ConfigRecord({"record": record.to_json()})}), reply_to=msg)

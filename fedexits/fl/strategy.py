@@ -13,6 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from ..errors import DataError
+
 
 class SeededFedAvg(FedAvg):
     """FedAvg whose training rounds sample `clients_per_round` of `node_ids` with `seed`.
@@ -24,9 +26,7 @@ class SeededFedAvg(FedAvg):
 
     def __init__(self, node_ids: Sequence[int], clients_per_round: int, seed: int, **kwargs):
         if not node_ids:
-            raise ValueError("federated exit training needs at least one client in the global population")
-        if clients_per_round < 1:
-            raise ValueError(f"clients per round must be >= 1, got {clients_per_round}")
+            raise DataError("federated exit training needs at least one client in the global population")
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1, **kwargs)
         self.node_ids = list(node_ids)
         self.clients_per_round = min(clients_per_round, len(self.node_ids))

@@ -14,6 +14,8 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..errors import CheckpointError, SettingsError
+
 # MobileNetV2's settings (t, c, n, s) with strides adapted to 28x28 inputs: the first conv has
 # stride 1 and only three stages downsample, so the last feature map is 4x4 instead of 1x1.
 FEMNIST_MOBILENET_V2_SETTING = [
@@ -53,24 +55,26 @@ def _load_weights(model: nn.Module, weights: str | None, imagenet_weights) -> No
         return
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {path} does not exist")
+        raise CheckpointError(f"backbone weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or not a torch file
-        raise ValueError(f"backbone weights file {path} is not a readable torch file: {exc}") from None
+        raise CheckpointError(
+            f"backbone weights file {path} is not a readable torch file ({type(exc).__name__})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise ValueError(f"backbone weights file {path} does not fit this model: {first}") from None
+        raise CheckpointError(f"backbone weights file {path} does not fit this model: {first}") from None
 
 
 def resnet(depth: int, num_classes: int = 1000, weights: str | None = None, width_mult: float = 1.0):
     """torchvision ResNet-18/34/50 split into blocks; ImageNet size (3x224x224)."""
     if width_mult != 1.0:
-        raise ValueError(f"resnet{depth} has no width multiplier; got width_mult={width_mult}")
+        raise SettingsError(f"model.width_mult must be null for resnet{depth}, got {width_mult}")
     builders = {
         18: (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
         34: (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
@@ -89,7 +93,7 @@ def resnet(depth: int, num_classes: int = 1000, weights: str | None = None, widt
 def mobilenet_v2(num_classes: int = 1000, weights: str | None = None, width_mult: float = 1.0):
     """torchvision MobileNetV2 split into blocks; ImageNet size (3x224x224)."""
     if weights == "imagenet" and width_mult != 1.0:
-        raise ValueError("ImageNet weights exist only for mobilenet_v2 width_mult=1.0")
+        raise SettingsError("model.weights=imagenet exists only for mobilenet_v2 with width_mult=1.0")
     model = tvm.mobilenet_v2(
         num_classes=1000 if weights == "imagenet" else num_classes, width_mult=width_mult
     )
@@ -102,7 +106,7 @@ def mobilenet_v2(num_classes: int = 1000, weights: str | None = None, width_mult
 def femnist_mobilenet_v2(num_classes: int = 62, weights: str | None = None, width_mult: float = 0.5):
     """MobileNetV2 for 1x28x28 inputs: grayscale stem with stride 1, last feature map 4x4."""
     if weights == "imagenet":
-        raise ValueError("femnist_mobilenet_v2 has no ImageNet weights; use none or a file path")
+        raise SettingsError("model.weights: femnist_mobilenet_v2 has no ImageNet weights; use none or a file")
     model = tvm.mobilenet_v2(
         num_classes=num_classes,
         width_mult=width_mult,

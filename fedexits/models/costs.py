@@ -13,12 +13,22 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import SettingsError
+
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """FLOPs of one call and its output."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(x)
     return counter.get_total_flops(), out
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for a module without parameters): the engine
+    moves its inputs there."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def count_params(modules: nn.Module | Sequence[nn.Module]) -> int:
@@ -31,7 +41,7 @@ def block_flops(
     blocks: Sequence[nn.Module], classifier: nn.Module, input_shape: Sequence[int]
 ) -> tuple[list[int], int, list[torch.Size]]:
     """Per-block FLOPs for one sample, the classifier's FLOPs, and each block's output shape."""
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=module_device(blocks[0]))
     flops, shapes = [], []
     was_training = [m.training for m in blocks]
     for block in blocks:
@@ -51,11 +61,11 @@ def place_exits(cumulative_fraction: Sequence[float], num_exits: int) -> list[in
     total absolute deviation). The last block is excluded: it feeds the final classifier."""
     candidates = list(cumulative_fraction[:-1])
     if num_exits < 1:
-        raise ValueError(f"number of exits must be at least 1, got {num_exits}")
+        raise SettingsError(f"model.num_exits must be >= 1, got {num_exits}")
     if num_exits > len(candidates):
-        raise ValueError(
-            f"{num_exits} exits requested but the backbone has only {len(candidates)} blocks "
-            "to attach them after"
+        raise SettingsError(
+            f"model.num_exits must be <= {len(candidates)} (the blocks this backbone can attach "
+            f"exits after), got {num_exits}"
         )
     targets = [(i + 1) / (num_exits + 1) for i in range(num_exits)]
     inf = float("inf")
@@ -93,7 +103,7 @@ def cost_table(model) -> pd.DataFrame:
     for k, (head, j) in enumerate(zip(model.exits, model.exit_after)):
         was_training = head.training
         head.eval()
-        head_flops, _ = count_flops(head, torch.zeros(1, *shapes[j]))
+        head_flops, _ = count_flops(head, torch.zeros(1, *shapes[j], device=module_device(head)))
         head.train(was_training)
         heads_so_far += head_flops
         rows.append(

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from ..errors import SettingsError, check_settings
 from .backbones import BACKBONES
 from .costs import block_flops, place_exits
 from .heads import ExitHead
@@ -106,17 +107,61 @@ class MultiExitNetwork(nn.Module):
             module.requires_grad_(False)
 
 
+@dataclass
+class ModelConfig:
+    """The network a study uses (the command line's `model` group); the population adds the
+    number of classes and the input size (see `MultiExitSpec.from_config`)."""
+
+    backbone: str = "femnist_mobilenet_v2"
+    num_exits: int = 6
+    width_mult: float | None = None  # None: the backbone's own default (0.5 for femnist_mobilenet_v2)
+    head_channels: int | None = None  # None: per-exit default (see heads.default_head_channels)
+    weights: str = "none"  # "none" (random), "imagenet" (torchvision's), or a weights file
+
+    def __post_init__(self):
+        check_settings(
+            "model",
+            self,
+            [
+                ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(sorted(BACKBONES))),
+                ("num_exits", self.num_exits >= 1, "an integer >= 1"),
+                ("width_mult", self.width_mult is None or self.width_mult > 0, "> 0 (or null)"),
+                ("head_channels", self.head_channels is None or self.head_channels >= 1, ">= 1 (or null)"),
+            ],
+        )
+
+
+# Named networks (the command line's `model=NAME`): changes to ModelConfig's defaults.
+MODEL_PRESETS: dict[str, dict] = {
+    "femnist_mobilenet_v2": {},  # 28x28 MobileNetV2, stride-1 stem, width 0.5
+    "mobilenet_v2": dict(backbone="mobilenet_v2", width_mult=1.0, weights="imagenet"),
+    "resnet50": dict(backbone="resnet50", weights="imagenet"),
+}
+
+
 @dataclass(frozen=True)
 class MultiExitSpec:
     """Everything needed to rebuild a multi-exit network; stored in checkpoints."""
 
-    backbone: str = "femnist_mobilenet_v2"
+    backbone: str = ModelConfig.backbone
     num_classes: int = 62
-    num_exits: int = 6
+    num_exits: int = ModelConfig.num_exits
     width_mult: float | None = None  # None: the backbone's default
     head_channels: int | None = None  # None: per-exit default (see heads.default_head_channels)
     input_shape: tuple[int, int, int] | None = None  # None: the backbone's default
     weights: str | None = None  # "none", "imagenet" or a file; not part of the architecture
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, num_classes: int, input_shape) -> MultiExitSpec:
+        return cls(
+            backbone=config.backbone,
+            num_classes=num_classes,
+            num_exits=config.num_exits,
+            width_mult=config.width_mult,
+            head_channels=config.head_channels,
+            input_shape=tuple(input_shape),
+            weights=config.weights,
+        )
 
     def architecture(self) -> dict:
         """The fields that must match for a checkpoint to fit (weights excluded)."""
@@ -127,17 +172,28 @@ class MultiExitSpec:
 
     def resolved_input_shape(self) -> tuple[int, int, int]:
         if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
+            raise SettingsError(f"model.backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
         return tuple(self.input_shape or BACKBONES[self.backbone][1])
 
 
-def build_multi_exit(spec: MultiExitSpec | None = None, **overrides) -> MultiExitNetwork:
+def build_multi_exit(
+    spec: MultiExitSpec | None = None, seed: int | None = None, **overrides
+) -> MultiExitNetwork:
     """Build a backbone, measure its per-block FLOPs and attach `num_exits` MSDNet-style heads at
-    equidistant fractions of those FLOPs."""
+    equidistant fractions of those FLOPs. With `seed`, the random initial weights come from it
+    (without touching the global random state), so a cold run is reproducible."""
     spec = replace(spec or MultiExitSpec(), **overrides)
+    if seed is None:
+        return _build(spec)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _build(spec)
+
+
+def _build(spec: MultiExitSpec) -> MultiExitNetwork:
     input_shape = spec.resolved_input_shape()
     if spec.num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {spec.num_classes}")
+        raise SettingsError(f"the model needs at least 2 classes, got {spec.num_classes}")
     builder = BACKBONES[spec.backbone][0]
     kwargs = {"num_classes": spec.num_classes, "weights": spec.weights}
     if spec.width_mult is not None:

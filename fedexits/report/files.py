@@ -24,8 +24,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    """Write without the index; an empty frame still gets its header row."""
-    return atomic_write(path, lambda handle: frame.to_csv(handle, index=False), "w")
+    """Write without the index; an empty frame still gets its header row. Ten significant digits:
+    what the numbers carry, without binary-float tails (0.46, not 0.46000000834465027)."""
+    return atomic_write(path, lambda handle: frame.to_csv(handle, index=False, float_format="%.10g"), "w")
 
 
 def atomic_write_json(obj: Any, path: Path) -> Path:

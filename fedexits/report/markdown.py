@@ -148,13 +148,36 @@ def _headline_frame(summary: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _latency_sentence(latency: Mapping | None) -> str:
+    if not latency:
+        return "Latency was not measured."
+    full = latency.get("full_network_ms_per_sample") or {}
+    sizes = ", ".join(f"{float(ms):.3f} ms at batch {batch}" for batch, ms in full.items())
+    return (
+        f"Latency (latency_ms, ms/sample) was measured with {latency.get('runtime')} on "
+        f"{latency.get('threads')} thread(s), batch 1 (the full network: {sizes or MISSING}; "
+        "every exit in latency.csv)."
+    )
+
+
+def _status_line(status: Mapping) -> str:
+    if not status:
+        return "Run status: n/a."
+    if status.get("status") == "ok":
+        return "Run status: **ok**."
+    reason = cell(status.get("reason"))
+    return f"Run status: **failed**: {reason}. The numbers below cover the users that finished."
+
+
 def _failures_section(failures: pd.DataFrame | None) -> list[str]:
     if failures is None or failures.empty:
         return ["No user failed."]
     lines = [f"{len(failures)} user run(s) (user x init) failed:", ""]
     for record in failures.to_dict("records"):
         error = cell(record.get("error")) if not is_missing(record.get("error")) else "(no error)"
-        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`: {error}")
+        kind = record.get("kind")
+        kind = "" if is_missing(kind) else f" ({kind})"
+        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`{kind}: {error}")
     return lines
 
 
@@ -171,7 +194,9 @@ def render_run_report(
     meta = dict(summary.get("meta") or {})
     tolerance = summary.get("drop_tolerance_pp")
     users = summary.get("users", {})
-    setup = {key: value for key, value in flatten(meta).items() if not key.startswith("timings.")}
+    status = meta.get("status") or {}
+    skip = ("timings.", "status.", "global_training.epoch_loss")
+    setup = {key: value for key, value in flatten(meta).items() if not key.startswith(skip)}
     exits = exits.assign(exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))])
     lines = [
         f"# fedexits run report: {_name_of(meta.get('dataset'))} / {_name_of(meta.get('model'))}",
@@ -186,6 +211,13 @@ def render_run_report(
         (
             f"Users: {users.get('ok', 0)} ok, {users.get('failed', 0)} failed "
             f"(failed = failed for at least one init)."
+        ),
+        "",
+        _status_line(status),
+        "",
+        (
+            f"Each user's threshold was calibrated on {meta.get('calibration_split', MISSING)}. "
+            + _latency_sentence(meta.get("latency"))
         ),
         "",
         "## Setup",

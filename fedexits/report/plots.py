@@ -51,10 +51,6 @@ def _init_colour(init: str, position: int) -> str:
     return INIT_COLOURS.get(init, f"C{(position + 3) % 10}")
 
 
-def _exit_colour(exit_index: int) -> str:
-    return f"C{int(exit_index) % 10}"
-
-
 def _ecdf(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Step coordinates of the empirical CDF over [0, 1], starting at 0 and ending at 1."""
     ordered = np.sort(values.dropna().to_numpy(dtype=float))
@@ -63,46 +59,55 @@ def _ecdf(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_accuracy_cdf(per_user: pd.DataFrame, path: Path) -> Path:
-    """Fig. 3b: fraction of users at or below each accuracy, per exit, before (dashed) and after
-    (solid) personalisation; one panel per init. Shows who personalisation helps, not just the
-    mean."""
+    """Fig. 3b: fraction of users at or below each accuracy, one panel per exit, before (dashed)
+    and after (solid) personalisation, one colour per init. Shows who personalisation helps, not
+    just the mean; one panel per exit keeps neighbouring exits' curves apart."""
     path = Path(path)
     if per_user is None or per_user.empty:
         return _no_data(path, "Per-user accuracy CDF")
-    inits = ordered_inits(per_user["init"])
-    figure, axes_list = _figure(len(inits), panel_width=4.6, height=4.0)
-    exits_seen: dict[int, str] = {}
-    for axes, init in zip(axes_list, inits):
-        rows = per_user[per_user["init"].astype(str) == init]
-        final_exit = int(rows["exit"].max())
-        for (exit_index, stage), group in rows.groupby(["exit", "stage"]):
-            if stage not in STAGE_STYLES:
-                continue
-            x, y = _ecdf(group.groupby("user")["accuracy"].mean())
-            axes.step(
-                x,
-                y,
-                where="post",
-                color=_exit_colour(exit_index),
-                linestyle=STAGE_STYLES[stage],
-                linewidth=1.6,
-            )
-            exits_seen[int(exit_index)] = exit_label(exit_index, final_exit)
-        n_users = rows["user"].nunique()
-        axes.set_title(f"init: {init} ({n_users} users)")
-        axes.set_xlabel("per-user accuracy")
+    frame = per_user.assign(init=per_user["init"].astype(str), exit=per_user["exit"].astype(int))
+    inits = ordered_inits(frame["init"])
+    exits = sorted(frame["exit"].unique())
+    final_exit = int(frame["exit"].max())
+    columns = min(4, len(exits))
+    rows = -(-len(exits) // columns)
+    figure = Figure(figsize=(3.3 * columns, 2.9 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    panels = list(grid.flat)
+    for axes, exit_index in zip(panels, exits):
+        rows_of_exit = frame[frame["exit"] == exit_index]
+        for position, init in enumerate(inits):
+            for stage, style in STAGE_STYLES.items():
+                group = rows_of_exit[(rows_of_exit["init"] == init) & (rows_of_exit["stage"] == stage)]
+                if group.empty:
+                    continue
+                x, y = _ecdf(group.groupby("user")["accuracy"].mean())
+                axes.step(
+                    x, y, where="post", color=_init_colour(init, position), linestyle=style, linewidth=1.5
+                )
+        name = exit_label(exit_index, final_exit)
+        axes.set_title(name + (" (frozen: fail-safe)" if exit_index == final_exit else ""), fontsize=10)
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1.02)
         axes.xaxis.set_major_formatter(PercentFormatter(1.0))
         axes.grid(alpha=0.3)
-    axes_list[0].set_ylabel("fraction of users")
-    handles = [Line2D([], [], color=_exit_colour(e), label=exits_seen[e]) for e in sorted(exits_seen)]
+    for axes in panels[len(exits) :]:
+        axes.set_axis_off()
+    for axes in grid[:, 0]:
+        axes.set_ylabel("fraction of users")
+    for axes in grid[-1, :]:
+        axes.set_xlabel("per-user accuracy")
+    n_users = frame["user"].nunique()
+    handles = [
+        Line2D([], [], color=_init_colour(init, p), label=f"init: {init}") for p, init in enumerate(inits)
+    ]
     handles += [
         Line2D([], [], color="grey", linestyle=STAGE_STYLES[s], label=STAGE_NAMES[s])
         for s in (STAGE_BEFORE, STAGE_AFTER)
     ]
-    figure.legend(handles=handles, loc="outside right center", frameon=False)
-    figure.suptitle("Per-user accuracy CDF per exit")
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    figure.suptitle(f"Per-user accuracy CDF per exit ({n_users} users)")
     return atomic_save_figure(figure, path)
 
 

@@ -39,6 +39,8 @@ THRESHOLDS_CSV = "thresholds.csv"
 SWEEP_CSV = "sweep.csv"
 FAILURES_CSV = "failures.csv"
 SUMMARY_JSON = "summary.json"
+COST_TABLE_CSV = "cost_table.csv"
+LATENCY_CSV = "latency.csv"
 REPORT_MD = "report.md"
 
 _CSV_FILES = {
@@ -58,9 +60,12 @@ def write_run_report(
     sweep: pd.DataFrame,
     failures: pd.DataFrame | None,
     meta: dict | None,
+    cost_table: pd.DataFrame | None = None,
+    latency_table: pd.DataFrame | None = None,
 ) -> dict:
-    """Write per_user.csv, thresholds.csv, sweep.csv, failures.csv (header even when empty), the
-    figures, report.md and summary.json into `run_dir`; return the summary dict.
+    """Write per_user.csv, thresholds.csv, sweep.csv, failures.csv (header even when empty),
+    cost_table.csv and latency.csv (when given), the figures, report.md and summary.json into
+    `run_dir`; return the summary dict.
 
     Raises ValueError naming the missing columns if a table lacks a required column (after the
     CSVs are written, so the raw results are kept).
@@ -71,6 +76,10 @@ def write_run_report(
     frames = {name: with_schema(given[name], columns) for name, (_, columns) in _CSV_FILES.items()}
     for name, (file_name, _) in _CSV_FILES.items():
         atomic_write_csv(frames[name], run_dir / file_name)
+    extra_files = {COST_TABLE_CSV: cost_table, LATENCY_CSV: latency_table}
+    for file_name, table in extra_files.items():
+        if table is not None:
+            atomic_write_csv(table, run_dir / file_name)
 
     per_user, thresholds, sweep = frames["per_user"], frames["thresholds"], frames["sweep"]
     require_columns(per_user, REQUIRED_PER_USER, "per_user")
@@ -95,7 +104,9 @@ def write_run_report(
         threshold_table(thresholds),
         frames["failures"],
         figures,
-        data_files=[file_name for file_name, _ in _CSV_FILES.values()] + [SUMMARY_JSON],
+        data_files=[file_name for file_name, _ in _CSV_FILES.values()]
+        + [name for name, table in extra_files.items() if table is not None]
+        + [SUMMARY_JSON],
     )
     atomic_write_text(run_dir / REPORT_MD, report)
     atomic_write_json(summary, run_dir / SUMMARY_JSON)

@@ -19,7 +19,9 @@ THRESHOLD_COLUMNS = [
     "expected_latency_ms", "latency_speedup",
 ]  # fmt: skip
 SWEEP_COLUMNS = ["user", "init", "threshold", "accuracy", "expected_mflops", "expected_latency_ms"]
-FAILURE_COLUMNS = ["user", "init", "error"]
+FAILURE_COLUMNS = ["user", "init", "kind", "error"]
+# Columns that measure time, not results: two runs with the same seed differ only in these.
+TIMING_COLUMNS = ("latency_ms", "personalise_s", "expected_latency_ms", "latency_speedup", "peak_memory_mb")
 
 # Columns the tables and plots cannot do without (the others are reported when present).
 REQUIRED_PER_USER = ["user", "init", "stage", "exit", "accuracy", "mflops", "params"]

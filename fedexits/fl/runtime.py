@@ -1,0 +1,73 @@
+"""The one place that starts Flower's Simulation Engine for `python -m fedexits.simulate`.
+
+Flower 1.41 runs a ServerApp and its ClientApps in this process through
+`flwr.simulation.run_simulation`, which it marks deprecated in favour of `flwr run` (a SuperLink
+that launches the apps in processes of its own). Both run the same `ServerApp`/`ClientApp`
+(`fedexits.fl.server_app`, `fedexits.fl.client_app`), and `flwr run .` is the documented
+replacement (README, "flwr run"). The deprecated call is confined to `run_in_simulation_engine`
+below, so replacing it touches nothing else; its warning, which a user of this tool can do nothing
+about, is filtered here rather than printed on every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ..study.prepare import Prepared
+from ..study.results import RunOutcome
+
+log = logging.getLogger(__name__)
+
+# Flower messages that say nothing to a user of this tool (each run would print them).
+_QUIET = ("run_simulation` function is deprecated", "Manually terminating ClientAppActor")
+
+
+class _DropFlowerNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _QUIET)
+
+
+def backend_config(prepared: Prepared) -> dict:
+    sim = prepared.plan.settings.simulation
+    init_args = {"logging_level": "error", **sim.ray_init_args}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    return {
+        "client_resources": {"num_cpus": float(sim.client_cpus), "num_gpus": float(sim.client_gpus)},
+        "init_args": init_args,
+    }
+
+
+def run_in_simulation_engine(prepared: Prepared) -> RunOutcome:
+    """Run the study with one Flower virtual client per user (Ray backend) in this process."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    from .client_app import app as client_app
+    from .server_app import make_server_app
+
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # Flower prints its own INFO lines once
+    noise = _DropFlowerNoise()
+    for handler in flower.handlers:
+        handler.addFilter(noise)
+    outcomes: list[RunOutcome] = []
+    stopped = threading.Event()  # tells the ServerApp's thread that the backend has gone
+    server_app = make_server_app(prepared, outcomes.append, stopped)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(prepared.users),
+            backend_config=backend_config(prepared),
+        )
+    finally:
+        stopped.set()
+        for handler in flower.handlers:
+            handler.removeFilter(noise)
+    if not outcomes:
+        raise RuntimeError("the Flower simulation ended without results (see the log above)")
+    return outcomes[0]

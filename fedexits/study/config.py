@@ -1,0 +1,252 @@
+"""Every setting of a study, defined once as dataclasses and registered as Hydra structured configs.
+
+The command line (`python -m fedexits.simulate`), `flwr run` and notebooks build the same
+objects: the dataclasses (here and in `engine`, `data`, `models`) hold every default and check
+every value; `fedexits/conf/config.yaml` only wires the top-level `seed` and `cache_dir` into the
+sections, and `fedexits/conf/experiment/` holds presets. `compose_config(overrides)` returns a
+validated `StudyConfig`, so a bad setting fails before any data, model or Ray work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data.config import CONFIG_CLASSES, parse_config
+from ..engine.calibration import CALIBRATION_PRESETS, CalibrationConfig
+from ..engine.device import check_device_name
+from ..engine.latency import LatencySettings
+from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
+from ..engine.train import TRAIN_PRESETS, TrainConfig
+from ..errors import SettingsError, UserDataError, check_settings, config_error_line
+from ..models import MODEL_PRESETS, ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+INITS = ("global", "federated", "scratch")
+
+
+@dataclass
+class PersonalisationSettings(PersonalisationConfig):
+    """The engine's exit personalisation settings, plus how the study applies them to users."""
+
+    method: str = "exits"  # exits, or the baselines final | full | none
+    label_fraction: float = 1.0  # share of each user's personalisation images that carry labels
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_settings(
+            "personalisation",
+            self,
+            [
+                ("method", self.method in METHODS, "one of " + ", ".join(METHODS)),
+                ("label_fraction", 0 <= self.label_fraction <= 1, "in [0, 1]"),
+            ],
+        )
+
+    def for_user(self, seed: int) -> PersonalisationConfig:
+        """The engine's settings for one user (its own seed)."""
+        engine_fields = {f.name for f in fields(PersonalisationConfig)}
+        values = {name: getattr(self, name) for name in engine_fields}
+        return PersonalisationConfig(**{**values, "seed": seed})
+
+
+@dataclass
+class InitConfig:
+    """Where the exits start before personalisation, each on the same users."""
+
+    inits: list[str] = field(default_factory=lambda: ["global"])
+
+    def __post_init__(self):
+        check_settings(
+            "init",
+            self,
+            [
+                ("inits", bool(self.inits) and set(self.inits) <= set(INITS), f"a list from {list(INITS)}"),
+                ("inits", len(set(self.inits)) == len(self.inits), "a list without repeats"),
+            ],
+        )
+        self.inits = list(self.inits)
+
+
+INIT_PRESETS = {
+    "global": ["global"],
+    "federated": ["federated"],
+    "scratch": ["scratch"],
+    "compare": list(INITS),
+}
+
+
+@dataclass
+class FederatedConfig:
+    """FedAvg over the exits only (backbone frozen) across clients of the global population."""
+
+    rounds: int = 10
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 32
+
+    def __post_init__(self):
+        check_settings(
+            "federated",
+            self,
+            [
+                ("rounds", self.rounds >= 1, "an integer >= 1"),
+                ("clients_per_round", self.clients_per_round >= 1, "an integer >= 1"),
+                ("local_epochs", self.local_epochs >= 1, "an integer >= 1"),
+                ("lr", self.lr > 0, "> 0"),
+                ("batch_size", self.batch_size >= 2, "an integer >= 2"),
+            ],
+        )
+
+
+@dataclass
+class SimulationConfig:
+    """How the Flower simulation runs the users."""
+
+    num_users: int | None = None  # held-out users personalised (a seeded sample); null = all
+    client_cpus: float = (
+        1.0  # CPUs per virtual client (Ray actor); Flower's default of 2 halves throughput on 2 cores
+    )
+    client_gpus: float = 0.0  # GPU fraction per virtual client
+    ray_address: str | None = None  # join an existing Ray cluster, e.g. "auto" or "127.0.0.1:6379"
+    ray_init_args: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
+    max_in_flight: int = 32  # messages pushed at once (bounds the driver's memory)
+    timeout_s: float = 3600.0  # a user without a reply after this long is recorded as failed
+    registration_timeout_s: float = 300.0
+    profile_memory: bool = False  # peak tensor memory of each personalisation (slows it ~2x)
+    save_exits: bool = False  # keep each user's exits and calibration under RUN_DIR/exits/ (for export)
+    # A run with more failed users than this share (or with none ok) fails: its report is still
+    # written, but its numbers describe a population other than the one asked for.
+    max_failed_fraction: float = 0.1
+
+    def __post_init__(self):
+        check_settings(
+            "simulation",
+            self,
+            [
+                ("num_users", self.num_users is None or self.num_users >= 1, "an integer >= 1 (or null)"),
+                ("client_cpus", self.client_cpus > 0, "> 0 (Ray cannot schedule a client with no CPU)"),
+                ("client_gpus", self.client_gpus >= 0, ">= 0"),
+                ("max_in_flight", self.max_in_flight >= 1, "an integer >= 1"),
+                ("timeout_s", self.timeout_s > 0, "> 0 seconds"),
+                ("registration_timeout_s", self.registration_timeout_s > 0, "> 0 seconds"),
+                ("max_failed_fraction", 0 <= self.max_failed_fraction <= 1, "in [0, 1]"),
+            ],
+        )
+        self.ray_init_args = dict(self.ray_init_args)
+
+
+@dataclass
+class StudyConfig:
+    """One study: a population, a network, how it is trained, personalised, calibrated and run."""
+
+    seed: int = 0
+    cache_dir: str = "${oc.env:FEDEXITS_CACHE_DIR,'~/.cache/fedexits'}"  # data and global models
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (engine/device.py): training, features, evaluation
+    dataset: Any = MISSING  # one of fedexits.data.config's dataclasses
+    model: ModelConfig = field(default_factory=ModelConfig)
+    global_training: TrainConfig = field(default_factory=TrainConfig)
+    personalisation: PersonalisationSettings = field(default_factory=PersonalisationSettings)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    latency: LatencySettings = field(default_factory=LatencySettings)  # measured once per run
+
+    def __post_init__(self):
+        self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        check_device_name(self.device)
+        self.dataset = parse_config(self.dataset)
+        p = self.personalisation
+        if p.method == "exits":  # a loss that is zero for every user fails the run, not each user
+            try:
+                p.loss_weights().check_active(int(p.label_fraction > 0), int(p.label_fraction < 1))
+            except UserDataError:
+                raise SettingsError(
+                    f"personalisation loss is zero for every sample at label_fraction={p.label_fraction}: "
+                    f"alpha={p.alpha} weighs labelled samples, gamma={p.gamma} unlabelled ones, "
+                    f"beta={p.beta} all"
+                ) from None
+
+
+def register_configs() -> None:
+    """Put every section and named option into Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="study_schema", node=StudyConfig)
+    for source, config_class in CONFIG_CLASSES.items():
+        store.store(group="dataset", name=source, node=config_class)
+    for name, preset in MODEL_PRESETS.items():
+        store.store(group="model", name=name, node=ModelConfig(**preset))
+    for name, preset in TRAIN_PRESETS.items():
+        store.store(group="global_training", name=name, node=TrainConfig(**preset))
+    for name, preset in PRESETS.items():
+        store.store(group="personalisation", name=name, node=PersonalisationSettings(**preset))
+    for name, preset in CALIBRATION_PRESETS.items():
+        store.store(group="calibration", name=name, node=CalibrationConfig(**preset))
+    for name, inits in INIT_PRESETS.items():
+        store.store(group="init", name=name, node=InitConfig(inits=inits))
+    store.store(group="simulation", name="default", node=SimulationConfig)
+
+
+def to_study_config(cfg: DictConfig) -> StudyConfig:
+    """A composed Hydra config as the validated dataclass (SettingsError, one line, if not)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise SettingsError(config_error_line(error)) from None
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """The command line's settings for `overrides`, without running the Hydra app (notebooks,
+    `flwr run`, scripts)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise SettingsError(hydra_error_line(error)) from None
+    return to_study_config(cfg)
+
+
+def hydra_error_line(error: Exception) -> str:
+    """One line for a Hydra composition error: the key and what its value should be, or the
+    missing option and the available ones."""
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        return config_error_line(error.__cause__)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", lines[0]) if lines else None
+    if missing:
+        group, option = missing.groups()
+        available = []
+        for line in lines[1:]:
+            if line.startswith("Config search path"):
+                break
+            if not line.startswith("Available"):
+                available.append(line)
+        return f"{group}={option}: no such option; available: {', '.join(available) or 'none'}"
+    return config_error_line(error)
+
+
+def settings_to_dict(settings: StudyConfig) -> dict:
+    """Plain, JSON-able data (what travels to Flower clients)."""
+    return OmegaConf.to_container(OmegaConf.structured(settings), resolve=True)
+
+
+def settings_from_dict(data: dict) -> StudyConfig:
+    """The inverse of `settings_to_dict`, validated again."""
+    node = OmegaConf.merge(
+        OmegaConf.structured(StudyConfig), {k: v for k, v in data.items() if k != "dataset"}
+    )
+    node.dataset = data["dataset"]
+    return to_study_config(node)

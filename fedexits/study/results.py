@@ -1,0 +1,95 @@
+"""A run's outcome -> its report, and whether the run counts as a success.
+
+A run in which users fail reports them (failures.csv, report.md); it fails (non-zero exit, summary
+status "failed") when no user has a result, when more than `simulation.max_failed_fraction` of
+the users failed, or when any client raised an unexpected error (a bug, whose traceback is in the
+log). The report is written either way: nothing already computed is thrown away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..report import write_run_report
+from ..report.records import UserRecord
+from ..report.results import build_frames
+from .prepare import Prepared
+
+
+@dataclass
+class RunOutcome:
+    records: list[UserRecord]
+    federated: dict | None = None  # federated exit training: loss per round, failed clients
+    timings: dict = field(default_factory=dict)
+
+
+def run_status(records: list[UserRecord], max_failed_fraction: float) -> dict:
+    """{"status": "ok" | "failed", "reason": str, users ok/failed/total, bugs} for the report."""
+    users = {r.user for r in records}
+    failed = {r.user for r in records if r.result is None}
+    bugs = sorted({r.user for r in records if r.failure is not None and r.failure.kind == "bug"})
+    status = {"users_total": len(users), "users_failed": len(failed), "bugs": len(bugs)}
+    if not users or len(failed) == len(users):
+        return {**status, "status": "failed", "reason": "no user has a result"}
+    if bugs:
+        return {
+            **status,
+            "status": "failed",
+            "reason": f"unexpected errors (bugs) for {len(bugs)} user(s), e.g. {bugs[0]}",
+        }
+    share = len(failed) / len(users)
+    if share > max_failed_fraction:
+        return {
+            **status,
+            "status": "failed",
+            "reason": f"{len(failed)} of {len(users)} users failed ({share:.0%} > "
+            f"simulation.max_failed_fraction={max_failed_fraction:g})",
+        }
+    return {**status, "status": "ok", "reason": ""}
+
+
+def _latency_meta(prepared: Prepared) -> dict | None:
+    """How latency was measured and what the full network costs per sample at each batch size."""
+    profile, table = prepared.plan.latency, prepared.latency_table
+    if profile is None:
+        return None
+    full = {} if table is None else table[table["exit"] == table["exit"].max()]
+    per_sample = {} if table is None else dict(zip(full["batch_size"], full["per_sample_ms"]))
+    return {"runtime": profile.runtime, "threads": profile.threads, "full_network_ms_per_sample": per_sample}
+
+
+def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) -> dict:
+    """Every output file of a run into `out_dir`; returns the summary (with its status)."""
+    settings = prepared.plan.settings
+    frames = build_frames(outcome.records, prepared.cost_table)
+    population = {k: v for k, v in prepared.population.items() if k != "settings"}
+    meta = {
+        "status": run_status(outcome.records, settings.simulation.max_failed_fraction),
+        "seed": settings.seed,
+        "dataset": population,
+        "model": prepared.plan.architecture,
+        # each user's seed comes from `seed` and the user's id (personalisation.seed is unused)
+        "personalisation": {k: v for k, v in asdict(settings.personalisation).items() if k != "seed"},
+        "calibration": asdict(settings.calibration),
+        "calibration_split": (
+            "the guard's validation split (the same images decide the guard and the threshold)"
+            if settings.personalisation.guard and settings.personalisation.method == "exits"
+            else "the personalisation split"
+        ),
+        "latency": _latency_meta(prepared),
+        "inits": settings.init.inits,
+        "global_training": {**asdict(settings.global_training), **prepared.training},
+        "federated": outcome.federated,
+        "timings": {**prepared.timings, **outcome.timings},
+    }
+    return write_run_report(
+        out_dir,
+        frames["per_user"],
+        frames["thresholds"],
+        frames["sweep"],
+        frames["failures"],
+        meta,
+        cost_table=prepared.cost_table,
+        latency_table=prepared.latency_table,
+    )

@@ -1,0 +1,142 @@
+"""What a client process keeps between messages: the population index, the frozen model, its cost
+table and latency profile, built once per process from the run plan that every message carries,
+so hundreds of virtual clients share two actors' worth of memory.
+
+No Flower here: the ClientApp and the plain in-process loop (benchmarks, notebooks) run the same
+`Worker` methods, so they compute the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from rich.progress import track
+
+from ..data import Population, build_population
+from ..engine import PersonalisationConfig, exits_file, load_model, personalise, save_exits
+from ..engine.device import resolve_device
+from ..errors import UserDataError, one_line
+from ..models import cost_table
+from ..report.records import Failure, UserRecord
+from .plan import RunPlan, partition_users
+from .prepare import profile_latency
+from .protocol import run_user, user_seed
+
+
+@dataclass
+class Worker:
+    plan: RunPlan
+    population: Population
+    users: list[str]  # partition id -> user
+    model: torch.nn.Module
+    cost_table: object
+    _shared_state: dict | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        # The baselines `final` and `full` train more than the exits: every user must start from
+        # the shared backbone and final classifier, not from the previous user's fine-tuned copy.
+        if self.plan.settings.personalisation.method in ("final", "full"):
+            self._shared_state = {
+                name: tensor.clone()
+                for name, tensor in self.model.state_dict().items()
+                if not name.startswith("exits.")
+            }
+
+    @functools.cached_property
+    def latency(self):
+        """Per-exit latency: the profile measured once for the run, or (a real device without
+        one) measured here once."""
+        profile = self.plan.latency or profile_latency(self.model, self.plan.settings.latency)[0]
+        return profile.costs()
+
+    def load_exits(self, state: dict[str, torch.Tensor]) -> None:
+        """The shared model with these exits (resets whatever the previous user changed)."""
+        if self._shared_state is not None:
+            self.model.load_state_dict(self._shared_state, strict=False)
+        self.model.exits.load_state_dict(state)
+
+    def personalise_user(self, user: str, exits: dict[str, torch.Tensor], init: str) -> UserRecord:
+        """The paper's protocol for one held-out user, starting from `exits`. Raises
+        UserDataError when the user's data cannot work."""
+        settings = self.plan.settings
+        p = settings.personalisation
+        data = self.population.load_user(
+            user, label_fraction=p.label_fraction, seed=user_seed(settings.seed, user)
+        )
+        self.load_exits(exits)
+        result = run_user(
+            self.model,
+            self.cost_table,
+            (data.train_x, data.train_y, data.labelled),
+            (data.test_x, data.test_y),
+            p.for_user(user_seed(settings.seed, user)),
+            settings.calibration,
+            method=p.method,
+            latency=self.latency,
+            profile_memory=settings.simulation.profile_memory,
+        )
+        if settings.simulation.save_exits and p.method == "exits" and self.plan.run_dir:
+            save_exits(
+                exits_file(self.plan.run_dir, user, init),
+                self.model,
+                result.threshold,
+                [bool(a) for a in result.active_exits],
+                user=user,
+                init=init,
+                accuracy_at_threshold=result.accuracy_at_threshold,
+            )
+        return UserRecord(user, init, result, notes=list(data.notes))
+
+    def train_user(self, user: str, exits: dict[str, torch.Tensor], server_round: int):
+        """One client's local exit training in a FedAvg round (labels, no guard).
+        Returns (exit state, number of examples, last epoch's loss)."""
+        settings = self.plan.settings
+        fed = settings.federated
+        data = self.population.load_user(user, label_fraction=1.0, seed=user_seed(settings.seed, user))
+        self.load_exits(exits)
+        local = PersonalisationConfig(
+            alpha=1.0,
+            beta=0.0,
+            gamma=0.0,
+            epochs=fed.local_epochs,
+            lr=fed.lr,
+            batch_size=fed.batch_size,
+            guard=False,
+            seed=user_seed(settings.seed, user, "round", server_round),
+        )
+        result = personalise(self.model, data.train_x, data.train_y, data.labelled, local)
+        exits = {name: tensor.cpu() for name, tensor in self.model.exits.state_dict().items()}
+        return exits, data.n_train, result.epoch_losses[-1]
+
+
+@functools.lru_cache(maxsize=2)
+def get_worker(plan_json: str) -> Worker:
+    """This process's worker for a plan (built on the first message, then reused)."""
+    plan = RunPlan.from_json(plan_json)
+    population = build_population(plan.settings.dataset)
+    model, _ = load_model(plan.checkpoint)
+    costs = cost_table(model)
+    model.to(resolve_device(plan.settings.device))  # Ray's GPU for this client, with "auto"
+    include_global = "federated" in plan.settings.init.inits
+    return Worker(plan, population, partition_users(population, include_global), model, costs)
+
+
+def run_users_in_process(
+    plan: RunPlan,
+    users: list[str],
+    exits: dict[str, torch.Tensor],
+    init: str = "global",
+    progress: bool = True,
+) -> list[UserRecord]:
+    """The same per-user work as the Flower clients, in a plain loop in this process (the
+    baseline for the simulation-overhead benchmark, and handy in notebooks)."""
+    worker = get_worker(plan.to_json())
+    records = []
+    for user in track(users, description=f"personalising ({init}, in process)", disable=not progress):
+        try:
+            records.append(worker.personalise_user(user, exits, init))
+        except UserDataError as exc:
+            records.append(UserRecord(user, init, failure=Failure("user", f"user {user}: {one_line(exc)}")))
+    return records
