@@ -117,7 +117,10 @@ def test_apply_calibration_on_another_set():
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"drop_tolerance_pp": -1}, r"calibration.drop_tolerance_pp must be in \[0, 100\), got -1"),
+        (
+            {"drop_tolerance_pp": -1},
+            r"calibration.drop_tolerance_pp must be in \[0, 100\) percentage points, got -1",
+        ),
         (
             {"thresholds": [0.5, 1.2]},
             r"calibration.thresholds must be a non-empty list of numbers in \[0, 1\]",
@@ -125,7 +128,7 @@ def test_apply_calibration_on_another_set():
         ({"thresholds": []}, "calibration.thresholds must be a non-empty list"),
         ({"rule": "magic"}, "calibration.rule must be one of plain, margin, ltt, got 'magic'"),
         ({"confidence": 1.0}, r"calibration.confidence must be in \(0, 1\), got 1.0"),
-        ({"margin_z": -1}, "calibration.margin_z must be >= 0, got -1"),
+        ({"margin_z": -1}, "calibration.margin_z must be >= 0 standard errors, got -1"),
     ],
 )
 def test_bad_calibration_settings(setting, message):
@@ -342,17 +345,48 @@ def test_ltt_keeps_its_promise_where_the_measured_drop_does_not():
     assert early_exits / draws >= 0.1  # not kept by never letting a sample leave early
 
 
-def test_user_protocol_maps_to_a_calibration_setting():
-    from fedexits.engine.protocol import UserProtocol, calibration_config
+def test_run_user_calibrates_on_the_route_it_is_given():
+    """Validation route: the threshold is chosen on the guard's validation split only;
+    out-of-fold route: on every personalisation image; a baseline ignores the route."""
+    from fedexits.engine import OutOfFoldConfig, PersonalisationConfig
+    from fedexits.engine.personalise import split_validation
+    from fedexits.models import cost_table
+    from fedexits.study.protocol import run_user
 
-    legacy = calibration_config(
-        UserProtocol(drop_tolerance_pp=2.0, prune_exits=False, calibration_margin_z=1.5)
-    )
-    assert (legacy.rule, legacy.margin_z, legacy.drop_tolerance_pp, legacy.prune_exits) == (
-        "margin",
-        1.5,
-        2.0,
-        False,
-    )
-    chosen = CalibrationConfig(rule="ltt", confidence=0.95)
-    assert calibration_config(UserProtocol(calibration=chosen)) is chosen
+    from .conftest import make_tiny_model, make_user
+
+    x, y = make_user(n=40, seed=1, shift=2)
+    test = make_user(n=24, seed=5, shift=2)
+    train = (x, y, torch.ones(40, dtype=torch.bool))
+    fast = PersonalisationConfig(epochs=2, lr=0.05, batch_size=16)
+    costs = cost_table(make_tiny_model())
+    ltt = CalibrationConfig(rule="ltt", confidence=0.9)
+    val = run_user(make_tiny_model(), costs, train, test, fast, ltt)
+    _, val_idx = split_validation(40, fast.val_fraction, fast.seed)
+    assert val.n_calibration == len(val_idx) < 40
+    oof_setting = CalibrationConfig(rule="ltt", route="out_of_fold", out_of_fold=OutOfFoldConfig(folds=4))
+    oof = run_user(make_tiny_model(), costs, train, test, fast, oof_setting)
+    assert oof.n_calibration == 40 and oof.n_train == 40
+    assert len(oof.guard_fired) == 4 and set(oof.guard_fired) <= {0, 1}  # 4 early exits
+    assert oof.calibration_p_value != oof.calibration_p_value or 0 <= oof.calibration_p_value <= 0.1
+    none = run_user(make_tiny_model(), costs, train, test, fast, oof_setting, method="none")
+    assert none.n_calibration == 40 and none.guard_fired == [-1] * 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("calibration.rule=median", "calibration.rule must be one of plain, margin, ltt"),
+        ("calibration.confidence=1.0", "calibration.confidence must be in"),
+        ("calibration.route=test", "calibration.route must be one of validation, out_of_fold"),
+        ("calibration.out_of_fold.folds=1", "calibration.out_of_fold.folds must be an integer >= 2"),
+        ("calibration.out_of_fold.guard_test=t", "calibration.out_of_fold.guard_test must be one of"),
+    ],
+)
+def test_calibration_settings_from_the_command_line(override, message):
+    from fedexits.study.config import compose_config
+
+    with pytest.raises(SettingsError, match=message):
+        compose_config([override])
+    chosen = compose_config(["calibration.rule=margin", "calibration.route=out_of_fold"]).calibration
+    assert (chosen.rule, chosen.route, chosen.out_of_fold.folds) == ("margin", "out_of_fold", 5)
