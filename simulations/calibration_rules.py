@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from fedexits.atomic import atomic_write
 from fedexits.data.split import read_held_out_file, tuning_reporting_split, write_user_list
 from fedexits.engine import (
     THRESHOLDS,
@@ -86,28 +86,34 @@ class Study:
 
 
 def prepare_study(overrides: list[str], checkpoint: str | None = None) -> Study:
-    """Global model and held-out users through today's simulate/worker (the one place to rewire
-    to the study layer). `checkpoint`: use this global model instead of training (or reusing)
-    the one the overrides describe."""
-    from fedexits.engine.protocol import personalisation_for_user, user_seed
-    from fedexits.fl.worker import get_worker
-    from fedexits.simulate import compose_config, prepare
+    """Global model and held-out users through the study layer. `checkpoint`: use this global
+    model instead of training (or reusing) the one the overrides describe."""
+    from fedexits.data import build_population
+    from fedexits.engine import load_model
+    from fedexits.models import cost_table
+    from fedexits.study.config import compose_config
+    from fedexits.study.prepare import prepare
+    from fedexits.study.protocol import user_seed
 
-    config = compose_config(overrides)
-    config = prepare(config).config if checkpoint is None else {**config, "checkpoint": checkpoint}
-    worker = get_worker(json.dumps(config))
-    seed, fraction = config["seed"], float(config["personalisation"]["label_fraction"])
+    settings = compose_config(overrides)
+    if checkpoint is None:
+        checkpoint = prepare(settings).plan.checkpoint
+    population = build_population(settings.dataset)
+    model, _ = load_model(checkpoint)
+    p = settings.personalisation
 
     def load(user):
-        data = worker.population.load_user(user, label_fraction=fraction, seed=user_seed(seed, user))
+        data = population.load_user(
+            user, label_fraction=p.label_fraction, seed=user_seed(settings.seed, user)
+        )
         return data.train_x, data.train_y, data.labelled, data.test_x, data.test_y
 
     return Study(
-        model=worker.model,
-        cost_table=worker.cost_table,
-        users=list(worker.population.held_out_users),
+        model=model,
+        cost_table=cost_table(model),
+        users=list(population.held_out_users),
         load=load,
-        personalisation=lambda user: personalisation_for_user(worker.personalisation, seed, user),
+        personalisation=lambda user: p.for_user(user_seed(settings.seed, user)),
     )
 
 
@@ -220,6 +226,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="global model to use instead of training one (indicative runs)")
     parser.add_argument("--write-split", metavar="USERS", help="split this user list into halves and exit")
     parser.add_argument("--seed", type=int, default=0, help="seed of --write-split")
+    parser.add_argument(
+        "--minutes", type=float, help="stop collecting after this long (runs resume from the cache)"
+    )
     args = parser.parse_args()
     if args.write_split:
         users = read_held_out_file(args.write_split)
@@ -237,21 +246,34 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     study = prepare_study(args.overrides, args.checkpoint)
     tuning, reporting = read_held_out_file(args.tuning), read_held_out_file(args.reporting)
-    records = {}
-    for i, user in enumerate(tuning + reporting):
+    records, started_all = {}, time.perf_counter()
+    for i, user in enumerate(reporting + tuning):  # the reporting half first: it is the result
         path = cache / f"{user}.pt"
         if not path.exists():
+            if args.minutes and time.perf_counter() - started_all > 60 * args.minutes:
+                continue
             started = time.perf_counter()
             record = collect_user(study.model, study.load(user), study.personalisation(user), args.folds)
-            torch.save(record, path)
+            atomic_write(path, lambda f, r=record: torch.save(r, f), "wb")
             print(
                 f"[{i + 1}/{len(tuning) + len(reporting)}] {user}: {time.perf_counter() - started:.1f} s",
                 flush=True,
             )
         records[user] = torch.load(path)
+    tuning = [user for user in tuning if user in records]
+    reporting = [user for user in reporting if user in records]
+    print(f"outputs cached for {len(tuning)} tuning and {len(reporting)} reporting users")
+    if not tuning:
+        return
+    pd.set_option("display.width", 250)
     metric = PersonalisationConfig().guard_metric
     tuned = evaluate(records, tuning, study.cost_table, metric)
+    atomic_write(out / "tuning.csv", lambda f: tuned.to_csv(f, index=False), "w")
     best = tuned.sort_values(["targets_met", "speedup"], ascending=False).iloc[0]
+    print("TUNING half:\n", tuned.round(3).to_string(index=False))
+    print(f"\nchosen on the tuning half: route {best['route']}, guard {best['guard']}, rule {best['rule']}")
+    if not reporting:
+        return
     reported = evaluate(records, reporting, study.cost_table, metric)
     chosen = (
         (reported["route"] == best["route"])
@@ -259,20 +281,8 @@ def main() -> None:
         & (reported["rule"] == best["rule"])
     )
     reported.insert(0, "chosen_on_tuning", chosen)
-    tuned.to_csv(out / "tuning.csv", index=False)
-    reported.to_csv(out / "reporting.csv", index=False)
-    pd.set_option("display.width", 200)
-    print("TUNING half:\n", tuned.round(3).to_string(index=False))
-    print(
-        "\nREPORTING half (chosen on tuning: route",
-        best["route"],
-        "guard",
-        best["guard"],
-        "rule",
-        best["rule"],
-        ")",
-    )
-    print(reported.round(3).to_string(index=False))
+    atomic_write(out / "reporting.csv", lambda f: reported.to_csv(f, index=False), "w")
+    print("\nREPORTING half (not tuned on):\n", reported.round(3).to_string(index=False))
 
 
 if __name__ == "__main__":
