@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="global model to use instead of training one (indicative runs)")
     parser.add_argument("--write-split", metavar="USERS", help="split this user list into halves and exit")
     parser.add_argument("--seed", type=int, default=0, help="seed of --write-split")
+    parser.add_argument("--rules", nargs="+", choices=list(RULES), help="candidate rules (default: all)")
+    parser.add_argument("--guards", nargs="+", choices=list(GUARDS), help="candidate guards (default: all)")
     parser.add_argument(
         "--minutes", type=float, help="stop collecting after this long (runs resume from the cache)"
     )
@@ -241,6 +243,9 @@ def main() -> None:
             write_user_list(path, half, header)
             print(f"{path}: {len(half)} users")
         return
+    for names, table in ((args.rules, RULES), (args.guards, GUARDS)):
+        for name in set(table) - set(names or table):
+            del table[name]
     out = Path(args.out)
     cache = out / "outputs"
     cache.mkdir(parents=True, exist_ok=True)
