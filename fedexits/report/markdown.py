@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
+from fedexits.report.promise import promise_lines
 from fedexits.report.schema import exit_label
 
 MISSING = "n/a"
@@ -221,6 +222,8 @@ def render_run_report(
             f"Each user's threshold was calibrated on {meta.get('calibration_split', MISSING)}. "
             + _latency_sentence(meta.get("latency"))
         ),
+        "",
+        *promise_lines(summary.get("calibration_promise")),
         "",
         "## Setup",
         "",

@@ -73,11 +73,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         # each user's seed comes from `seed` and the user's id (personalisation.seed is unused)
         "personalisation": {k: v for k, v in asdict(settings.personalisation).items() if k != "seed"},
         "calibration": asdict(settings.calibration),
-        "calibration_split": (
-            "the guard's validation split (the same images decide the guard and the threshold)"
-            if settings.personalisation.guard and settings.personalisation.method == "exits"
-            else "the personalisation split"
-        ),
+        "calibration_split": calibration_split(settings),
         "latency": _latency_meta(prepared),
         "inits": settings.init.inits,
         "global_training": {**asdict(settings.global_training), **prepared.training},
@@ -100,3 +96,17 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         budget=budget_table(settings, prepared.training, prepared.flops_per_image, outcome.federated),
         latency_table=prepared.latency_table,
     )
+
+
+def calibration_split(settings) -> str:
+    """Which images each user's threshold was calibrated on (stated in the report)."""
+    exits = settings.personalisation.method == "exits"
+    if exits and settings.calibration.route == "out_of_fold":
+        folds = settings.calibration.out_of_fold.folds
+        return (
+            f"out-of-fold outputs on every personalisation image ({folds} folds; the guard decides "
+            "on the same outputs, the deployed exits train on every image)"
+        )
+    if exits and settings.personalisation.guard:
+        return "the guard's validation split (the same images decide the guard and the threshold)"
+    return "the personalisation split"
