@@ -34,12 +34,13 @@ _job_exit_codes: list[int] = []  # of the jobs run by this process (a sweep runs
 
 def simulate(settings, out_dir: str | Path) -> dict:
     """The whole pipeline for validated settings; returns the summary (see study.results)."""
-    from .fl.runtime import run_in_simulation_engine
+    from .fl.runtime import run_in_simulation_engine, run_lifecycle_in_simulation_engine
 
     started = time.perf_counter()
     prepared = prepare(settings, run_dir=out_dir)
     lifecycle = settings.mode == "lifecycle"
-    outcome = run_in_simulation_engine(prepared, lifecycle=lifecycle)
+    run = run_lifecycle_in_simulation_engine if lifecycle else run_in_simulation_engine
+    outcome = run(prepared)
     outcome.timings["total_s"] = time.perf_counter() - started
     if lifecycle:  # users living through days: timeline.csv and its report (study/lifecycle.py)
         return write_lifecycle_results(out_dir, prepared, outcome)

@@ -2,7 +2,14 @@ import pytest
 
 from fedexits.data import DataError
 from fedexits.data.config import parse_config
-from fedexits.data.split import choose_held_out, labelled_mask, split_user
+from fedexits.data.split import (
+    choose_held_out,
+    labelled_mask,
+    read_held_out_file,
+    split_user,
+    tuning_reporting_split,
+    write_user_list,
+)
 from fedexits.errors import SettingsError, UserDataError
 
 
@@ -68,3 +75,29 @@ def test_label_fraction_rounds_and_nests():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(SettingsError, match="label_fraction"):
             labelled_mask("u", 30, bad, 0)
+
+
+def test_tuning_reporting_split_is_seeded_disjoint_and_order_free():
+    users = [f"w{i:02d}" for i in range(25)]
+    tuning, reporting = tuning_reporting_split(users, seed=0)
+    assert (len(tuning), len(reporting)) == (12, 13)
+    assert set(tuning).isdisjoint(reporting) and sorted(tuning + reporting) == users
+    assert tuning_reporting_split(users[::-1] + users[:3], seed=0) == (tuning, reporting)
+    assert tuning_reporting_split(users, seed=1) != (tuning, reporting)
+    with pytest.raises(DataError, match="at least 2 users"):
+        tuning_reporting_split(["only"], seed=0)
+
+
+def test_recorded_halves_of_the_shared_leaf_writers(tmp_path):
+    """simulations/leaf_tuning.txt and leaf_reporting.txt are the seed-0 split of the held-out
+    list; settings are chosen on the first and reported on the second."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "simulations"
+    held_out = read_held_out_file(str(folder / "leaf_held_out.txt"))
+    tuning = read_held_out_file(str(folder / "leaf_tuning.txt"))
+    reporting = read_held_out_file(str(folder / "leaf_reporting.txt"))
+    assert (tuning, reporting) == tuning_reporting_split(held_out, seed=0)
+    write_user_list(tmp_path / "users.txt", tuning, "a header\nover two lines")
+    assert read_held_out_file(str(tmp_path / "users.txt")) == tuning
+    assert (tmp_path / "users.txt").read_text().startswith("# a header\n# over two lines\n")

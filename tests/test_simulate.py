@@ -103,6 +103,8 @@ def test_run_leaves_every_promised_file(two_runs):
         "accuracy_cdf.png",
         "accuracy_vs_cost.png",
         "accuracy_vs_latency.png",
+        "federated.csv",
+        "federated_accuracy.png",
     ):
         assert (out / name).stat().st_size > 0, name
     per_user = pd.read_csv(out / "per_user.csv")
@@ -115,6 +117,13 @@ def test_run_leaves_every_promised_file(two_runs):
     assert {"threshold", "accuracy", "expected_mflops", "speedup"} <= set(thresholds.columns)
     report = (out / "report.md").read_text()
     assert "[`cost_table.csv`](cost_table.csv)" in report
+    assert "## Federated exit training" in report and "## What trained the exits" in report
+    federated = pd.read_csv(out / "federated.csv")
+    assert list(federated["round"]) == [0, 1, 2]
+    assert federated["accuracy_early_exits"].notna().iloc[[0, -1]].all()  # the start and the last round
+    budget = {row["init"]: row for row in json.loads((out / "summary.json").read_text())["budget"]}
+    assert budget["federated"]["samples"] > 0 and budget["scratch"]["tflops"] == 0
+    assert budget["global"]["tflops"] > 0
     assert "Latency (latency_ms, ms/sample) was measured with onnxruntime on 1 thread(s)" in report
     latency = pd.read_csv(out / "latency.csv")
     assert set(latency["runtime"]) == {"onnxruntime"} and set(latency["batch_size"]) == {1, 32}

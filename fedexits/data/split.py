@@ -103,3 +103,28 @@ def labelled_mask(user: str, n: int, label_fraction: float, seed: int) -> torch.
     chosen = rng_for(seed, "labelled", user).permutation(n)[:n_labelled]
     mask[torch.from_numpy(chosen)] = True
     return mask
+
+
+def tuning_reporting_split(users, seed: int, tuning_fraction: float = 0.5) -> tuple[list[str], list[str]]:
+    """Disjoint (tuning, reporting) halves of `users`: settings are chosen on the first and
+    reported on the second, so a reported number never comes from the users it was tuned on.
+    Seeded through `rng_for`, independent of the order users are listed in; each half is sorted."""
+    unique = sorted(set(users))
+    if len(unique) < 2:
+        raise DataError(f"a tuning/reporting split needs at least 2 users, got {len(unique)}")
+    if not 0 < tuning_fraction < 1:
+        raise DataError(f"tuning_fraction must be in (0, 1), got {tuning_fraction}")
+    n_tuning = min(len(unique) - 1, max(1, round(tuning_fraction * len(unique))))
+    order = rng_for(seed, "tuning_reporting").permutation(len(unique))
+    tuning = sorted(unique[i] for i in order[:n_tuning])
+    reporting = sorted(unique[i] for i in order[n_tuning:])
+    return tuning, reporting
+
+
+def write_user_list(path, users, header: str = "") -> None:
+    """One user id per line (readable by `read_held_out_file`), `header` as '#' comment lines;
+    written atomically."""
+    from fedexits.atomic import atomic_write
+
+    lines = [f"# {line}".rstrip() for line in header.splitlines()] + list(users)
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), "w")

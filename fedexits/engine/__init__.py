@@ -3,6 +3,8 @@ everything is usable from a notebook."""
 
 from .calibration import (
     CALIBRATION_PRESETS,
+    ROUTES,
+    RULES,
     THRESHOLDS,
     Calibration,
     CalibrationConfig,
@@ -30,6 +32,7 @@ from .lifecycle_run import LifecycleResult, accuracy_vs_samples, average_exits, 
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
 from .onnx_runtime import OnnxEarlyExit
 from .orchestrator import OrchestratorConfig, UserState
+from .out_of_fold import OutOfFoldConfig, OutOfFoldResult, personalise_out_of_fold
 from .personalise import (
     METHODS,
     PRESETS,
@@ -55,7 +58,7 @@ from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_e
 from .train import TRAIN_PRESETS, TrainConfig, train_global
 
 __all__ = [
-    "CALIBRATION_PRESETS", "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts",
+    "CALIBRATION_PRESETS", "ROUTES", "RULES", "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts",
     "apply_calibration", "calibrate", "pareto_front", "sweep", "load_model", "read_checkpoint",
     "save_checkpoint", "EarlyExitOutput",
     "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",
@@ -66,7 +69,8 @@ __all__ = [
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "PRUNING_METHODS", "PruningConfig",
     "PruningResult", "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
-    "prune_sweep", "confidence_profile", "latency_costs",
+    "prune_sweep", "OutOfFoldConfig", "OutOfFoldResult", "personalise_out_of_fold",
+    "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
     "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
     "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",

@@ -1,5 +1,9 @@
 """Per-user threshold calibration (paper 3.1.4): sweep, Pareto front, tolerance, exit pruning.
 
+The rule that turns a sweep into a threshold is a setting (`CalibrationConfig.rule`): "ltt"
+promises, at a stated confidence, that the accuracy drop against the final exit stays within the
+tolerance (statistics in `risk_control`); "margin" and "plain" are the earlier heuristics.
+
 Everything works from the softmax of every exit computed once (`exit_probabilities`): changing
 the threshold or switching exits off only changes where each sample leaves, not what the exits
 output, so a whole sweep is a few tensor ops.
@@ -8,37 +12,18 @@ output, so a whole sweep is a few tensor ops.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import check_settings
+from .out_of_fold import OutOfFoldConfig
+from .risk_control import drop_p_values, fixed_sequence
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]
-
-
-@dataclass
-class CalibrationConfig:
-    """How each user's threshold is chosen (the command line's `calibration` section)."""
-
-    drop_tolerance_pp: float = 1.0  # accuracy drop allowed against the final exit
-    margin_z: float = 1.0  # standard errors added to the measured drop (0: none)
-    prune_exits: bool = True  # switch off exits that cost more than they save
-
-    def __post_init__(self):
-        check_settings(
-            "calibration",
-            self,
-            [
-                ("drop_tolerance_pp", self.drop_tolerance_pp >= 0, ">= 0 percentage points"),
-                ("margin_z", self.margin_z >= 0, ">= 0 standard errors"),
-            ],
-        )
-
-
-# Named settings (the command line's `calibration=NAME`): changes to the defaults above.
-CALIBRATION_PRESETS: dict[str, dict] = {"default": {}, "paper": dict(margin_z=0.0)}
 
 
 @dataclass(frozen=True)
@@ -63,19 +48,36 @@ class ExitCosts:
         costs.append(self.backbone[-1] + self.heads[-1] + heads_run)
         return torch.tensor(costs, dtype=torch.float64)
 
+    def per_exit_rows(self, active: torch.Tensor) -> torch.Tensor:
+        """`per_exit` for many sets of active exits at once: (T, M) bools -> (T, M+1) costs."""
+        run = torch.tensor(self.heads[:-1], dtype=torch.float64) * active
+        early = torch.tensor(self.backbone[:-1], dtype=torch.float64) + torch.cumsum(run, dim=1)
+        final = self.backbone[-1] + self.heads[-1] + run.sum(dim=1, keepdim=True)
+        return torch.cat([early, final], dim=1)
+
     @property
     def full(self) -> float:
         """The network without early exits."""
         return self.backbone[-1] + self.heads[-1]
 
 
-def exits_taken(probs: torch.Tensor, thresholds: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
+def _active_rows(active, num_thresholds: int) -> torch.Tensor:
+    """Active early exits as a (T, M) bool tensor: one set for every threshold, or one per row."""
+    active = torch.as_tensor(active, dtype=torch.bool)
+    return active.expand(num_thresholds, -1) if active.ndim == 1 else active
+
+
+def exits_taken(probs: torch.Tensor, thresholds: torch.Tensor, active) -> torch.Tensor:
     """(T, N) exit index per threshold and sample: the first active exit whose top-1 softmax
-    exceeds the threshold, else M (the final classifier)."""
-    num_exits = probs.shape[0] - 1
-    confidence = probs[:num_exits].max(dim=-1).values  # (M, N)
+    exceeds the threshold, else M (the final classifier). `active`: M bools, or (T, M)."""
+    return _first_passing(probs[:-1].max(dim=-1).values, thresholds, active)
+
+
+def _first_passing(confidence: torch.Tensor, thresholds: torch.Tensor, active) -> torch.Tensor:
+    """`exits_taken` from the early exits' top-1 softmax (M, N)."""
+    num_exits = confidence.shape[0]
     passes = confidence[None] > thresholds[:, None, None]  # (T, M, N)
-    passes &= torch.tensor(list(active), dtype=torch.bool)[None, :, None]
+    passes &= _active_rows(active, len(thresholds)).reshape(len(thresholds), num_exits, 1)
     passes = torch.cat([passes, torch.ones_like(passes[:, :1])], dim=1)  # the final always "passes"
     return passes.int().argmax(dim=1)  # first True
 
@@ -84,29 +86,47 @@ def sweep(
     probs: torch.Tensor,
     targets: torch.Tensor,
     flops: ExitCosts,
-    active: Sequence[bool],
+    active,
     latency: ExitCosts | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
 ) -> pd.DataFrame:
-    """Accuracy, expected MFLOPs (and latency) and exit shares at every threshold."""
-    t = torch.tensor(list(thresholds), dtype=probs.dtype)
-    taken = exits_taken(probs, t, active)  # (T, N)
-    predictions = probs.argmax(dim=-1)  # (M+1, N)
-    correct = predictions.gather(0, taken) == targets[None]
-    final_correct = (predictions[-1] == targets)[None]
+    """Accuracy, expected MFLOPs (and latency) and exit shares at every threshold; `active` is
+    one set of active early exits (M bools) or one per threshold ((T, M))."""
+    return _sweep(Top1.of(probs), targets, flops, active, latency, thresholds)
+
+
+class Top1(NamedTuple):
+    """What a sweep needs of the exits' softmax (M+1, N, C): top-1 confidence and class (M+1, N),
+    computed once per calibration."""
+
+    confidence: torch.Tensor
+    predictions: torch.Tensor
+
+    @classmethod
+    def of(cls, probs: torch.Tensor) -> Top1:
+        return cls(probs.max(dim=-1).values, probs.argmax(dim=-1))
+
+
+def _sweep(top1: Top1, targets, flops, active, latency, thresholds) -> pd.DataFrame:
+    t = torch.tensor(list(thresholds), dtype=top1.confidence.dtype)
+    rows = _active_rows(active, len(t))
+    taken = _first_passing(top1.confidence[:-1], t, rows)  # (T, N)
+    correct = top1.predictions.gather(0, taken) == targets[None]
+    final_correct = (top1.predictions[-1] == targets)[None]
     table = pd.DataFrame(
         {
             "threshold": list(thresholds),
             "accuracy": correct.double().mean(dim=1).numpy(),
-            "expected_mflops": flops.per_exit(active)[taken].mean(dim=1).numpy(),
+            "expected_mflops": flops.per_exit_rows(rows).gather(1, taken).mean(dim=1).numpy(),
             # paired with the final exit: samples it gets right that an early exit loses, and back
             "losses": (final_correct & ~correct).sum(dim=1).numpy(),
             "gains": (~final_correct & correct).sum(dim=1).numpy(),
+            "active": ["".join("1" if on else "0" for on in row) for row in rows.tolist()],
         }
     )
     if latency is not None:
-        table["expected_latency_ms"] = latency.per_exit(active)[taken].mean(dim=1).numpy()
-    for k in range(probs.shape[0]):
+        table["expected_latency_ms"] = latency.per_exit_rows(rows).gather(1, taken).mean(dim=1).numpy()
+    for k in range(len(top1.confidence)):
         table[f"share_exit_{k}"] = (taken == k).double().mean(dim=1).numpy()
     return table
 
@@ -122,6 +142,75 @@ def pareto_front(table: pd.DataFrame, cost: str = "expected_mflops") -> pd.DataF
     return table.loc[keep]
 
 
+RULES = ("plain", "margin", "ltt")
+# Where the calibration samples (and the guard's evidence) come from: the guard's validation split
+# (~20% of the personalisation images; the exits train on the rest), or out-of-fold outputs on
+# every personalisation image (`out_of_fold`; the deployed exits train on all of them).
+ROUTES = ("validation", "out_of_fold")
+
+
+@dataclass
+class CalibrationConfig:
+    """How a user's threshold is chosen on its calibration samples (the command line's
+    `calibration` section).
+
+    rule:
+      - "ltt": Learn-then-Test with exact paired tests (see `risk_control`): with probability at
+        least `confidence` over the calibration samples, the chosen policy's accuracy drop against
+        the final exit is at most `drop_tolerance_pp` (on the population the samples come from).
+      - "margin": the measured drop plus `margin_z` standard errors within the tolerance (a
+        heuristic with no stated guarantee; the default before issue 9, z=1).
+      - "plain": the measured drop within the tolerance (no margin; the paper's rule).
+    route: "validation" or "out_of_fold" (see ROUTES); `out_of_fold` holds the folds and the
+    guard's test on that route.
+    thresholds: the grid (any order; duplicates ignored). A sample leaves at the first active exit
+    whose top-1 softmax exceeds the threshold, so 1.0 sends every sample to the final exit.
+    prune_exits: switch off exits whose heads cost more than the samples leaving there save.
+    """
+
+    rule: str = "ltt"
+    drop_tolerance_pp: float = 1.0
+    confidence: float = 0.9
+    margin_z: float = 1.0
+    route: str = "validation"
+    out_of_fold: OutOfFoldConfig = field(default_factory=OutOfFoldConfig)
+    prune_exits: bool = True
+    thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
+
+    def __post_init__(self):
+        thresholds = list(self.thresholds) if isinstance(self.thresholds, (list, tuple)) else []
+        check_settings(
+            "calibration",
+            self,
+            [
+                ("rule", self.rule in RULES, f"one of {', '.join(RULES)}"),
+                ("drop_tolerance_pp", 0 <= self.drop_tolerance_pp < 100, "in [0, 100) percentage points"),
+                ("confidence", 0 < self.confidence < 1, "in (0, 1)"),
+                ("margin_z", self.margin_z >= 0, ">= 0 standard errors"),
+                ("route", self.route in ROUTES, f"one of {', '.join(ROUTES)}"),
+                (
+                    "thresholds",
+                    bool(thresholds) and all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in thresholds),
+                    "a non-empty list of numbers in [0, 1]",
+                ),
+            ],
+        )
+        if isinstance(self.out_of_fold, dict):  # a plain mapping (e.g. from JSON)
+            self.out_of_fold = OutOfFoldConfig(**self.out_of_fold)
+
+    @property
+    def delta(self) -> float:
+        return 1 - self.confidence
+
+
+# Named settings (the command line's `calibration=NAME`): changes to the defaults above.
+CALIBRATION_PRESETS: dict[str, dict] = {
+    "default": {},
+    "paper": dict(rule="plain"),  # the paper's rule: the measured drop within the tolerance
+    "margin": dict(rule="margin"),  # the default before issue 9 (one standard error)
+}
+
+
 @dataclass
 class Calibration:
     threshold: float
@@ -134,6 +223,10 @@ class Calibration:
     pareto: pd.DataFrame = field(repr=False)
     expected_latency_ms: float | None = None
     full_latency_ms: float | None = None
+    rule: str = "plain"
+    confidence: float | None = None  # the stated confidence of the guarantee ("ltt" only)
+    n_calibration: int = 0
+    p_value: float | None = None  # "ltt": exact p-value of "drop > tolerance" at the threshold
 
     @property
     def speedup(self) -> float:
@@ -150,13 +243,109 @@ class Calibration:
         return [self.threshold if on else None for on in self.active_exits]
 
 
-def _choose(table: pd.DataFrame, n: int, tolerance_pp: float, margin_z: float) -> pd.Series:
-    """The smallest threshold whose accuracy drop against the final exit is within the tolerance.
-    The drop is measured paired, (losses - gains) / n; `margin_z` > 0 adds z standard errors,
-    sqrt(losses + gains) / n, so a small calibration set does not pick a threshold on luck."""
-    drop = (table["losses"] - table["gains"] + margin_z * (table["losses"] + table["gains"]) ** 0.5) / n
-    ok = table[drop <= tolerance_pp / 100 + 1e-12]
-    return ok.iloc[0]  # threshold 1.0 sends every sample to the final exit, so ok is never empty
+def _within_tolerance(table: pd.DataFrame, n: int, config: CalibrationConfig) -> pd.Series:
+    """Rules "plain" and "margin": the paired drop (losses - gains) / n, plus `margin_z` standard
+    errors sqrt(losses + gains) / n for "margin", within the tolerance."""
+    z = config.margin_z if config.rule == "margin" else 0.0
+    drop = (table["losses"] - table["gains"] + z * (table["losses"] + table["gains"]) ** 0.5) / n
+    return drop <= config.drop_tolerance_pp / 100 + 1e-12
+
+
+def _greedy_pruning(top1: Top1, targets, flops, latency, grid, config):
+    """Rules "plain" and "margin" (as before): the smallest threshold within the tolerance, then
+    exits switched off greedily while that lowers the expected cost at the re-chosen threshold.
+    No threshold within the tolerance (a grid without 1.0): every exit off."""
+    num_exits = len(top1.confidence) - 1
+
+    def evaluate(active):
+        table = _sweep(top1, targets, flops, active, latency, grid)
+        ok = _within_tolerance(table, len(targets), config)
+        if not ok.any():
+            active = [False] * num_exits
+            table = _sweep(top1, targets, flops, active, latency, grid)
+            return active, table, table.iloc[-1]
+        return active, table, table[ok].iloc[0]
+
+    active, table, chosen = evaluate([True] * num_exits)
+    while config.prune_exits and any(active):
+        trials = []
+        for k in (k for k, on in enumerate(active) if on):
+            trial = active.copy()
+            trial[k] = False
+            trials.append(evaluate(trial))
+        trial = min(trials, key=lambda r: r[2]["expected_mflops"])
+        if trial[2]["expected_mflops"] >= chosen["expected_mflops"] - 1e-9:
+            break
+        active, table, chosen = trial
+    if config.prune_exits and chosen["expected_mflops"] > flops.full:  # exits cost more than they save
+        active = [False] * num_exits
+        table = _sweep(top1, targets, flops, active, latency, grid)
+        chosen = table.iloc[-1]
+    return active, table, chosen
+
+
+def cost_only_pruning(confidence: torch.Tensor, flops: ExitCosts, grid: Sequence[float]) -> torch.Tensor:
+    """(T, M) active exits per threshold, chosen from confidences and costs only: exits are
+    switched off greedily while that lowers the expected cost at that threshold, and all of them
+    if they cost more than they save. Never looks at correctness (see `_learn_then_test`).
+    `confidence`: the early exits' top-1 softmax (M, N)."""
+    t = torch.tensor(list(grid), dtype=confidence.dtype)
+    num_exits = len(confidence)
+
+    def cost(active):
+        return flops.per_exit_rows(active).gather(1, _first_passing(confidence, t, active)).mean(dim=1)
+
+    active = torch.ones(len(t), num_exits, dtype=torch.bool)
+    current = cost(active)
+    for _ in range(num_exits):
+        best, best_active = current, active
+        for k in range(num_exits):
+            trial = active.clone()
+            trial[:, k] = False
+            trial_cost = cost(trial)
+            better = trial_cost < best - 1e-9
+            best = torch.where(better, trial_cost, best)
+            best_active = torch.where(better[:, None], trial, best_active)
+        if torch.equal(best_active, active):
+            break
+        active, current = best_active, best
+    active[current > flops.full] = False
+    return active
+
+
+def _learn_then_test(top1: Top1, targets, flops, latency, grid, config):
+    """Rule "ltt". Each threshold's policy (its active exits, `cost_only_pruning`) is fixed from
+    confidences and costs, then the thresholds are tested highest first with exact p-values for
+    "drop > tolerance" (fixed-sequence testing at delta); the cheapest rejected one is chosen.
+
+    Pruning and multiple testing: comparing several exit configurations on their measured drops
+    and keeping the best would be a selection over many hypotheses that fixed-sequence testing
+    does not cover (a Bonferroni correction over the 2^M configurations would cost most of the
+    power). Here the configuration of each threshold is chosen without looking at correctness,
+    so the only selection on drops is LTT's own. (The configuration still depends on the
+    calibration samples' confidences; the Monte-Carlo tests include pruning.)
+    A threshold whose policy cannot let a sample leave early (t >= 1, or every exit off) has a
+    drop of exactly 0 and needs no test."""
+    num_exits = len(top1.confidence) - 1
+    if config.prune_exits:
+        active = cost_only_pruning(top1.confidence[:-1], flops, grid)
+    else:
+        active = torch.ones(len(grid), num_exits, dtype=torch.bool)
+    table = _sweep(top1, targets, flops, active, latency, grid)
+    p_values = drop_p_values(table["losses"], table["gains"], len(targets), config.drop_tolerance_pp / 100)
+    no_early_exit = (table["threshold"].to_numpy() >= 1.0) | ~active.any(dim=1).numpy()
+    p_values[no_early_exit] = 0.0
+    table["p_value"] = p_values
+    descending = np.argsort(-table["threshold"].to_numpy(), kind="stable")
+    passes = np.zeros(len(table), dtype=bool)
+    passes[descending] = fixed_sequence(p_values[descending], config.delta)
+    table["passes"] = passes
+    if not passes.any():  # nothing certified: the final exit alone (drop 0 by construction)
+        off = [False] * num_exits
+        return off, table, _sweep(top1, targets, flops, off, latency, grid).iloc[-1]
+    candidates = table[passes].iloc[::-1]  # highest threshold first: ties in cost go to it
+    index = candidates["expected_mflops"].idxmin()
+    return active[index].tolist(), table, table.loc[index]
 
 
 def calibrate(
@@ -164,60 +353,43 @@ def calibrate(
     targets: torch.Tensor | None,
     cost_table: pd.DataFrame,
     latency: ExitCosts | None = None,
-    tolerance_pp: float = 1.0,
-    prune: bool = True,
-    thresholds: Sequence[float] = THRESHOLDS,
-    margin_z: float = 0.0,
+    config: CalibrationConfig | None = None,
+    **overrides,
 ) -> Calibration:
-    """Choose a user's threshold on its calibration set.
+    """Choose a user's threshold (and active exits) on its calibration set.
 
-    `targets` are labels, or None to measure agreement with the final exit (users without
-    labels). `margin_z` makes the choice conservative on small calibration sets (see `_choose`).
-    With `prune`, exits are switched off greedily while that lowers the expected cost at the
-    chosen threshold (an exit that never lets samples leave only adds its head's cost).
+    `probs`: softmax of every exit on the calibration samples (M+1, N, C), from a model that did
+    not train on them (a validation split, or out-of-fold outputs). `targets` are labels, or None
+    to measure agreement with the final exit (users without labels: the drop is then the share of
+    samples whose early answer differs from the final one, and there are no gains). Settings in
+    `config` (`CalibrationConfig`), or as keyword overrides: `calibrate(p, y, costs, rule="plain")`.
     """
-    if tolerance_pp < 0:
-        raise ValueError(f"drop tolerance must be >= 0 percentage points, got {tolerance_pp}")
-    if margin_z < 0:
-        raise ValueError(f"calibration margin must be >= 0 standard errors, got {margin_z}")
-    for t in thresholds:
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"thresholds must be in [0, 1], got {t}")
+    config = replace(config or CalibrationConfig(), **overrides)
+    grid = sorted(set(float(t) for t in config.thresholds))
+    top1 = Top1.of(probs)
     if targets is None:
-        targets = probs[-1].argmax(dim=-1)
+        targets = top1.predictions[-1]
+    if len(targets) == 0:
+        raise ValueError("calibration needs at least one sample")
     flops = ExitCosts.flops(cost_table)
-    final_accuracy = float((probs[-1].argmax(-1) == targets).double().mean())
-
-    def evaluate(active):
-        table = sweep(probs, targets, flops, active, latency, thresholds)
-        return table, _choose(table, len(targets), tolerance_pp, margin_z)
-
-    active = [True] * (probs.shape[0] - 1)
-    table, chosen = evaluate(active)
-    while prune and any(active):
-        trials = []
-        for k in (k for k, on in enumerate(active) if on):
-            trial = active.copy()
-            trial[k] = False
-            trials.append((trial, *evaluate(trial)))
-        trial, trial_table, trial_chosen = min(trials, key=lambda r: r[2]["expected_mflops"])
-        if trial_chosen["expected_mflops"] >= chosen["expected_mflops"] - 1e-9:
-            break
-        active, table, chosen = trial, trial_table, trial_chosen
-    if prune and chosen["expected_mflops"] > flops.full:  # exits cost more than they save
-        active = [False] * len(active)
-        table, chosen = evaluate(active)
+    final_accuracy = float((top1.predictions[-1] == targets).double().mean())
+    choose = _learn_then_test if config.rule == "ltt" else _greedy_pruning
+    active, table, chosen = choose(top1, targets, flops, latency, grid, config)
     return Calibration(
         threshold=float(chosen["threshold"]),
         accuracy=float(chosen["accuracy"]),
         final_accuracy=final_accuracy,
         expected_mflops=float(chosen["expected_mflops"]),
         full_mflops=flops.full,
-        active_exits=active,
+        active_exits=[bool(a) for a in active],
         sweep=table,
         pareto=pareto_front(table),
         expected_latency_ms=None if latency is None else float(chosen["expected_latency_ms"]),
         full_latency_ms=None if latency is None else latency.full,
+        rule=config.rule,
+        confidence=config.confidence if config.rule == "ltt" else None,
+        n_calibration=len(targets),
+        p_value=float(chosen["p_value"]) if "p_value" in chosen and any(active) else None,
     )
 
 

@@ -8,6 +8,7 @@ memory budget are recomputed per batch; with data augmentation nothing is cached
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -41,6 +42,14 @@ class FrozenFeatures:
         self.final_logits: torch.Tensor | None = None
         if augment is None and cache:
             self._fill_cache(budget_mb)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the images and whatever was cached from them."""
+        tensors = [self.x, *self.cached_features.values()]
+        if self.final_logits is not None:
+            tensors.append(self.final_logits)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def uncached_exits(self) -> list[int]:
@@ -101,9 +110,55 @@ class FrozenFeatures:
         return features, self.final_logits[index]
 
     @torch.no_grad()
-    def exit_probabilities(self) -> torch.Tensor:
+    def exit_probabilities(self, model=None) -> torch.Tensor:
         """Softmax of every exit over all samples, (M+1, N, classes), with the exits as they are
-        now: re-evaluating after personalisation costs only the heads."""
-        self.model.exits.eval()
+        now: re-evaluating after personalisation costs only the heads. `model`: whose exits to
+        run (default: the model that computed the features; another copy with the same backbone
+        works, e.g. another worker's)."""
+        model = model or self.model
+        model.exits.eval()
         features, final_logits = self.batch(torch.arange(len(self.x)))
-        return torch.stack(self.model.heads_forward(features) + [final_logits]).softmax(dim=-1).cpu()
+        return torch.stack(model.heads_forward(features) + [final_logits]).softmax(dim=-1).cpu()
+
+
+class FeatureStore:
+    """Frozen-backbone features with their labels, one entry per sample set (a federated client),
+    kept across calls: the backbone never changes during a run, so a client's features are
+    computed once per process instead of once per round. The least recently used entries are
+    dropped beyond `budget_mb`; an entry larger than the budget is not kept."""
+
+    def __init__(self, budget_mb: float):
+        self.budget_bytes = budget_mb * 2**20
+        self._items: OrderedDict[str, tuple[FrozenFeatures, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(
+        self, key: str, make: Callable[[], tuple[FrozenFeatures, torch.Tensor]]
+    ) -> tuple[FrozenFeatures, torch.Tensor]:
+        """(features, labels) stored under `key`, or `make()`'s (stored if they fit)."""
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        entry = make()
+        size = _entry_bytes(entry)
+        if size <= self.budget_bytes:
+            while self._items and self.nbytes + size > self.budget_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= _entry_bytes(dropped)
+            self._items[key] = entry
+            self.nbytes += size
+        return entry
+
+
+def _entry_bytes(entry: tuple[FrozenFeatures, torch.Tensor]) -> int:
+    features, labels = entry
+    return features.nbytes + labels.numel() * labels.element_size()

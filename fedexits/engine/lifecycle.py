@@ -327,13 +327,14 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
     calibration's accuracy and cost, and the reference losses of the exploration rule."""
     probs = exit_probabilities(lifecycle.model, x)
     targets = torch.where(labelled, y, probs[-1].argmax(-1))
-    calibration = calibrate(
+    calibration = calibrate(  # the "margin" rule: what the lifecycle defaults were measured with
         probs,
         targets,
         lifecycle.cost_table,
         lifecycle.latency,
-        lifecycle.drop_tolerance_pp,
-        prune=lifecycle.prune_exits,
+        rule="margin",
+        drop_tolerance_pp=lifecycle.drop_tolerance_pp,
+        prune_exits=lifecycle.prune_exits,
         margin_z=lifecycle.calibration_margin_z,
     )
     losses = exploration_losses(probs, calibration.active_exits)

@@ -182,6 +182,38 @@ def _exit_scores(model, source: FrozenFeatures, y, labelled) -> tuple[list, list
     return accuracies, losses
 
 
+def train_exits(
+    model,
+    source: FrozenFeatures,
+    index: torch.Tensor,
+    y: torch.Tensor,
+    labelled: torch.Tensor,
+    config: PersonalisationConfig,
+) -> list[float]:
+    """Train the exit heads for `config.epochs` on the samples `index` of `source` (`y` and
+    `labelled` are indexed like `source`); the backbone's features come from `source`, so several
+    trainings on subsets of one user (out-of-fold) share one backbone pass. Returns epoch losses."""
+    weights = config.loss_weights()
+    optimizer = make_optimizer(model.exit_parameters(), config)
+    generator = torch.Generator().manual_seed(config.seed)
+    bounds = batch_bounds(len(index), config.batch_size)
+    epoch_losses = []
+    for _ in range(config.epochs):
+        model.exits.train()
+        total, batches = 0.0, 0
+        order = index[torch.randperm(len(index), generator=generator)]
+        for idx, features, final_logits in source.epoch(order, bounds):
+            logits = model.heads_forward(features)
+            loss = sum(exit_loss(z, final_logits, y[idx], labelled[idx], weights) for z in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        epoch_losses.append(total / max(batches, 1))
+    model.exits.eval()
+    return epoch_losses
+
+
 def personalise(
     model,
     x: torch.Tensor,
@@ -221,23 +253,7 @@ def personalise(
             before = _exit_scores(model, val_source, y[val_idx], labelled[val_idx])
             incoming = copy.deepcopy(model.exits.state_dict())
 
-        optimizer = make_optimizer(model.exit_parameters(), config)
-        generator = torch.Generator().manual_seed(config.seed)
-        bounds = batch_bounds(len(train_idx), config.batch_size)
-        epoch_losses = []
-        for _ in range(config.epochs):
-            model.exits.train()
-            total, batches = 0.0, 0
-            order = torch.randperm(len(train_idx), generator=generator)
-            for idx, features, final_logits in source.epoch(order, bounds):
-                logits = model.heads_forward(features)
-                loss = sum(exit_loss(z, final_logits, y_train[idx], lab_train[idx], weights) for z in logits)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, batches = total + loss.item(), batches + 1
-            epoch_losses.append(total / max(batches, 1))
-        model.exits.eval()
+        epoch_losses = train_exits(model, source, torch.arange(len(train_idx)), y_train, lab_train, config)
 
     result = PersonalisationResult(
         method="exits",

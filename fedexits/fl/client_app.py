@@ -2,6 +2,8 @@
 
 - query: tell the server which partition (user) this node is.
 - train: one round of federated exit training on this user's data (global population).
+- evaluate.exits (`EVALUATE_EXITS`): federated evaluation of the exits on a global user kept out of
+  training.
 - evaluate: the paper's protocol for a held-out user: evaluate, personalise, calibrate, report.
 
 A user whose data cannot work (UserDataError) gets a USER_ERROR reply with one line; any other
@@ -19,6 +21,8 @@ from ..study.worker import Worker, get_worker
 
 # Error code for a user's unusable data (Flower's own codes are small ints).
 USER_ERROR = 1000
+# Federated evaluation of the exits (a named action, apart from the personalisation evaluate).
+EVALUATE_EXITS = "evaluate.exits"
 
 app = ClientApp()
 
@@ -46,18 +50,41 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train_exits(msg: Message, context: Context) -> Message:
-    """Local exit training for FedAvg: the backbone stays frozen; only exits travel."""
+    """Local exit training: the backbone stays frozen; only exits travel. FedProx's strategy puts
+    its proximal mu into the config."""
     config = msg.content["config"]
     worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
-        state, n, loss = worker.train_user(
-            user, msg.content["arrays"].to_torch_state_dict(), int(config["server-round"])
+        update = worker.train_user(
+            user,
+            msg.content["arrays"].to_torch_state_dict(),
+            int(config["server-round"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
     except UserDataError as exc:
         return _user_error(msg, user, exc)
-    metrics = MetricRecord({"num-examples": n, "train-loss": loss})
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "train-loss": update.loss,
+            "features-cached": int(update.features_cached),
+        }
+    )
+    return Message(RecordDict({"arrays": ArrayRecord(update.exits), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate(EVALUATE_EXITS.split(".")[1])
+def evaluate_exits(msg: Message, context: Context) -> Message:
+    """Every exit's accuracy on this (evaluation) client's images."""
+    worker = _worker(msg.content["config"])
+    user = worker.users[_partition(context)]
+    try:
+        n, accuracies = worker.evaluate_exits(user, msg.content["arrays"].to_torch_state_dict())
+    except UserDataError as exc:
+        return _user_error(msg, user, exc)
+    metrics = {"num-examples": n, **{f"accuracy-{k}": a for k, a in enumerate(accuracies)}}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -14,11 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from flwr.serverapp import Grid
 
 from ..study.prepare import Prepared
 from ..study.results import RunOutcome
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Flower messages that say nothing to a user of this tool (each run would print them).
 _QUIET = ("run_simulation` function is deprecated", "Manually terminating ClientAppActor")
@@ -42,27 +47,68 @@ def backend_config(prepared: Prepared) -> dict:
     }
 
 
-def run_in_simulation_engine(prepared: Prepared, lifecycle: bool = False) -> RunOutcome:
-    """Run the study with one Flower virtual client per user (Ray backend) in this process;
-    `lifecycle`: the lifecycle mode's apps (a LifecycleOutcome comes back)."""
+def run_in_simulation_engine(prepared: Prepared) -> RunOutcome:
+    """Run the study with one Flower virtual client per user (Ray backend) in this process."""
+    from .server_app import make_server_app
+
+    outcomes: list[RunOutcome] = []
+    stopped = threading.Event()  # tells the ServerApp's thread that the backend has gone
+    _simulate(prepared, make_server_app(prepared, outcomes.append, stopped), stopped)
+    if not outcomes:
+        raise RuntimeError("the Flower simulation ended without results (see the log above)")
+    return outcomes[0]
+
+
+def run_with_clients(prepared: Prepared, work: Callable[[Grid, dict[int, int]], T]) -> T:
+    """`work(grid, node_of)` as the ServerApp of a simulation with one virtual client per
+    partition of `prepared` (node_of: partition id -> node id), for experiments that drive the
+    clients themselves (e.g. several federated budgets in one Ray session)."""
+    from flwr.serverapp import ServerApp
+
+    from .server_app import connect_clients
+
+    results: list[T] = []
+    stopped = threading.Event()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        results.append(work(grid, connect_clients(grid, prepared, stopped)))
+
+    _simulate(prepared, app, stopped)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without results (see the log above)")
+    return results[0]
+
+
+def run_lifecycle_in_simulation_engine(prepared: Prepared):
+    """Lifecycle mode (one round = one day; fl/lifecycle_*.py): returns a LifecycleOutcome."""
+    from .lifecycle_client import app as lifecycle_client
+    from .lifecycle_server import make_lifecycle_server_app
+
+    outcomes: list = []
+    stopped = threading.Event()
+    _simulate(
+        prepared, make_lifecycle_server_app(prepared, outcomes.append, stopped), stopped, lifecycle_client
+    )
+    if not outcomes:
+        raise RuntimeError("the Flower simulation ended without results (see the log above)")
+    return outcomes[0]
+
+
+def _simulate(prepared: Prepared, server_app, stopped: threading.Event, client_app=None) -> None:
+    """The one call of Flower's simulation engine, its chatter filtered."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    if lifecycle:
-        from .lifecycle_client import app as client_app
-        from .lifecycle_server import make_lifecycle_server_app as make_server_app
-    else:
+    if client_app is None:
         from .client_app import app as client_app
-        from .server_app import make_server_app
 
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower prints its own INFO lines once
     noise = _DropFlowerNoise()
     for handler in flower.handlers:
         handler.addFilter(noise)
-    outcomes: list[RunOutcome] = []
-    stopped = threading.Event()  # tells the ServerApp's thread that the backend has gone
-    server_app = make_server_app(prepared, outcomes.append, stopped)
     try:
         run_simulation(
             server_app=server_app,
@@ -74,6 +120,3 @@ def run_in_simulation_engine(prepared: Prepared, lifecycle: bool = False) -> Run
         stopped.set()
         for handler in flower.handlers:
             handler.removeFilter(noise)
-    if not outcomes:
-        raise RuntimeError("the Flower simulation ended without results (see the log above)")
-    return outcomes[0]

@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import one_line
 from ..report.records import Failure, UserRecord
-from ..study.plan import sample_users
+from ..study.plan import federated_clients, sample_users
 from ..study.prepare import Prepared, initial_exits
 from ..study.results import RunOutcome
 from .client_app import USER_ERROR
-from .strategy import SeededFedAvg
+from .strategy import make_strategy
 
 
 class BackendStopped(RuntimeError):
@@ -103,6 +103,13 @@ def discover_partitions(
     return {int(r.content["node"]["partition-id"]): r.metadata.src_node_id for r in replies}
 
 
+def connect_clients(grid: Grid, prepared: Prepared, stopped: threading.Event) -> dict[int, int]:
+    """Wait until every virtual client registered; partition id -> node id."""
+    sim = prepared.plan.settings.simulation
+    nodes = wait_for_nodes(grid, len(prepared.users), sim.registration_timeout_s, stopped)
+    return discover_partitions(grid, nodes, stopped, sim.registration_timeout_s)
+
+
 def reply_reason(reason: str) -> str:
     """Flower wraps a ClientApp's exception in a Ray traceback; keep the exception's message."""
     marker = "Message:"
@@ -121,29 +128,91 @@ def to_record(init: str, user: str, reply: Message) -> UserRecord:
     return UserRecord(user, init, failure=Failure(kind, f"user {user}: {reply_reason(reason)}"))
 
 
-def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int]):
-    """FedAvg rounds over the exits only (from a random init), across clients of the global
-    population. Returns the exit weights and the per-round record (loss, failures)."""
+def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int], evaluate_fn=None):
+    """Federated exit training (backbone frozen) from a random init with Flower's strategy across
+    the training clients of the global population, evaluated every few rounds on the evaluation
+    clients (global users that never train; never held-out users). Returns the exit weights and
+    the record of every round (read by `fedexits.study.budget`). `evaluate_fn(round, arrays)`
+    is Flower's server-side evaluation (experiments; its metrics go to `server_evaluations`)."""
     plan = prepared.plan
-    fed, sim = plan.settings.federated, plan.settings.simulation
-    global_nodes = [node_of[p] for p in sorted(node_of) if p >= prepared.num_held_out]  # partition order
-    strategy = SeededFedAvg(global_nodes, fed.clients_per_round, seed=plan.settings.seed)
+    settings = plan.settings
+    fed, sim = settings.federated, settings.simulation
+    num_global = len(prepared.users) - prepared.num_held_out
+    train_parts, eval_parts = federated_clients(
+        prepared.num_held_out, num_global, fed.eval_clients(num_global), settings.seed
+    )
+    eval_rounds = [r for r in range(1, fed.rounds + 1) if r % fed.eval_every == 0 or r == fed.rounds]
+    strategy = make_strategy(
+        fed.strategy,
+        client_lr=fed.lr,
+        train_nodes=[node_of[p] for p in train_parts],
+        clients_per_round=fed.clients_per_round,
+        seed=settings.seed,
+        eval_nodes=[node_of[p] for p in eval_parts],
+        eval_rounds=eval_rounds,
+        buffer_keys=prepared.exit_buffers,
+    )
+    plan_json = plan.to_json()
+    partition_of = {node: p for p, node in node_of.items()}
+    initial = ArrayRecord(initial_exits(plan, "federated"))
+
+    def evaluate(arrays: ArrayRecord):
+        """One evaluation outside the rounds (Flower's loop evaluates after rounds 1..R)."""
+        messages = strategy.evaluation_messages(0, arrays, ConfigRecord({"plan": plan_json}), grid)
+        if not messages:
+            return None
+        return strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=sim.timeout_s))
+
+    reference = evaluate(ArrayRecord(initial_exits(plan, "global")))  # central exits, same clients
+    evaluations = {0: evaluate(initial)}
     result = strategy.start(
         grid,
-        initial_arrays=ArrayRecord(initial_exits(plan, "federated")),
+        initial_arrays=initial,
         num_rounds=fed.rounds,
-        train_config=ConfigRecord({"plan": plan.to_json()}),
+        train_config=ConfigRecord({"plan": plan_json}),
+        evaluate_config=ConfigRecord({"plan": plan_json}),
         timeout=sim.timeout_s,
+        evaluate_fn=evaluate_fn,
     )
     if not result.train_metrics_clientapp:
         first = reply_reason(strategy.errors[0][1]) if strategy.errors else "no replies"
         raise RuntimeError(f"federated exit training: no round succeeded ({first})")
+    evaluations.update(result.evaluate_metrics_clientapp)
     history = {
-        "train_loss": {r: float(m["train-loss"]) for r, m in result.train_metrics_clientapp.items()},
-        "failures": [{"round": r, "error": reply_reason(e)} for r, e in strategy.errors],
-        "clients_per_round": strategy.clients_per_round,
+        "strategy": fed.strategy.name,
+        "clients_per_round": fed.clients_per_round,
+        "local_epochs": fed.local_epochs,
+        "train_clients": len(train_parts),
+        "eval_users": [prepared.users[p] for p in eval_parts],
+        "rounds": [
+            {
+                "round": r,
+                "clients": len(strategy.sampled[r]),
+                "users": [prepared.users[partition_of[node]] for node in strategy.sampled[r]],
+                "clients_ok": strategy.replied.get(r, 0),
+                "images": strategy.samples.get(r, 0),
+                "features_cached": strategy.cached.get(r, 0),
+                "train_loss": _metric(result.train_metrics_clientapp.get(r), "train-loss"),
+            }
+            for r in sorted(strategy.sampled)
+        ],
+        "evaluations": {r: _accuracies(m) for r, m in sorted(evaluations.items()) if m is not None},
+        "reference": None if reference is None else _accuracies(reference),
+        "server_evaluations": {r: dict(m) for r, m in sorted(result.evaluate_metrics_serverapp.items())},
+        "failures": [{"round": r, "stage": "train", "error": reply_reason(e)} for r, e in strategy.errors]
+        + [{"round": r, "stage": "evaluate", "error": reply_reason(e)} for r, e in strategy.eval_errors],
     }
     return result.arrays.to_torch_state_dict(), history
+
+
+def _metric(record, key: str) -> float | None:
+    return None if record is None or key not in record else float(record[key])
+
+
+def _accuracies(record) -> dict:
+    """{"clients": n, "accuracy": [per exit, the final exit last]} from an evaluation record."""
+    exits = sorted(int(k.split("-")[1]) for k in record if k.startswith("accuracy-"))
+    return {"clients": int(record["clients"]), "accuracy": [float(record[f"accuracy-{k}"]) for k in exits]}
 
 
 def run_study(grid: Grid, prepared: Prepared, stopped: threading.Event | None = None) -> RunOutcome:
@@ -151,8 +220,7 @@ def run_study(grid: Grid, prepared: Prepared, stopped: threading.Event | None = 
     stopped = stopped or threading.Event()
     plan, users = prepared.plan, prepared.users
     sim = plan.settings.simulation
-    nodes = wait_for_nodes(grid, len(users), sim.registration_timeout_s, stopped)
-    node_of = discover_partitions(grid, nodes, stopped, sim.registration_timeout_s)
+    node_of = connect_clients(grid, prepared, stopped)
     partition_of = {node: p for p, node in node_of.items()}
     chosen = sample_users(prepared.num_held_out, sim.num_users, plan.settings.seed)
     plan_json = plan.to_json()

@@ -134,3 +134,63 @@ def cost_table(model) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["flops_fraction"] = table["mflops"] / table["mflops"].iloc[-1]
     return table
+
+
+# What one training step updates, for `training_flops`.
+TRAINED_PARTS = ("all", "exits", "exits_and_classifier", "exit_heads")
+
+
+def training_flops(model, trains: str, batch_size: int = 2) -> float:
+    """FLOPs per sample of one training step (forward and backward, as torch runs it), counted
+    with the flop counter on a copy of `model` (its weights and statistics stay untouched).
+
+    - `all`: joint training: every exit and the final classifier, gradients for every weight.
+    - `exits` / `exits_and_classifier`: the backbone runs without gradients, the exits (and the
+      final classifier) train.
+    - `exit_heads`: the exits train on frozen features computed beforehand (personalisation and
+      federated rounds); the feature pass is `cost_table`'s full-network MFLOPs, counted apart.
+    """
+    import copy
+
+    if trains not in TRAINED_PARTS:
+        raise ValueError(f"trains must be one of {TRAINED_PARTS}, got {trains!r}")
+    model = copy.deepcopy(model).train()
+    model.requires_grad_(trains == "all")
+    model.exits.requires_grad_(True)
+    if trains == "exits_and_classifier":
+        model.classifier.requires_grad_(True)
+    x = torch.zeros(batch_size, *model.input_shape)
+    if trains == "exit_heads":
+        with torch.no_grad():
+            features = model.attach_point_features(x)[:-1]
+    with FlopCounterMode(
+        display=False, custom_mapping={aten.convolution_backward: _conv_backward_flop}
+    ) as counter:
+        if trains == "exit_heads":
+            logits = model.heads_forward(features)
+        else:
+            logits = model(x)
+        sum(z.float().sum() for z in logits if z.requires_grad).backward()
+    return counter.get_total_flops() / batch_size
+
+
+aten = torch.ops.aten
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, groups, output_mask, out_shape, **kwargs) -> int:  # fmt: skip
+    """torch's formula for a convolution's backward with the weight gradient divided by the
+    groups: torch <= 2.15 counts a depthwise convolution's weight gradient as if it were dense
+    (`groups` times too many; fixed upstream in pytorch/pytorch#183405)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def t(shape):
+        return [shape[1], shape[0], *shape[2:]]
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        pair = (t(grad_out_shape), t(x_shape)) if transposed else (t(x_shape), t(grad_out_shape))
+        flops += conv_flop_count(*pair, t(out_shape[1]), transposed=False) // groups
+    return flops

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
+from fedexits.report.promise import promise_lines
 from fedexits.report.schema import exit_label
 
 MISSING = "n/a"
@@ -188,14 +189,16 @@ def render_run_report(
     failures: pd.DataFrame | None,
     figures: Mapping[str, str],
     data_files: list[str],
+    sections: list[str] = (),
 ) -> str:
     """The text of report.md. `figures` maps a caption to a PNG path relative to the report;
-    `exits` and `thresholds` are the outputs of exit_table and threshold_table."""
+    `exits` and `thresholds` are the outputs of exit_table and threshold_table; `sections` are
+    further lines (e.g. the federated training) placed after the thresholds."""
     meta = dict(summary.get("meta") or {})
     tolerance = summary.get("drop_tolerance_pp")
     users = summary.get("users", {})
     status = meta.get("status") or {}
-    skip = ("timings.", "status.", "global_training.epoch_loss")
+    skip = ("timings.", "status.", "global_training.epoch_loss", "federated_history", "budget")
     setup = {key: value for key, value in flatten(meta).items() if not key.startswith(skip)}
     exits = exits.assign(exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))])
     lines = [
@@ -219,6 +222,8 @@ def render_run_report(
             f"Each user's threshold was calibrated on {meta.get('calibration_split', MISSING)}. "
             + _latency_sentence(meta.get("latency"))
         ),
+        "",
+        *promise_lines(summary.get("calibration_promise")),
         "",
         "## Setup",
         "",
@@ -249,6 +254,7 @@ def render_run_report(
         "",
         markdown_table(thresholds, THRESHOLD_COLUMNS, THRESHOLD_FORMATS),
         "",
+        *sections,
         "## Figures",
         "",
     ]

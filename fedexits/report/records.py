@@ -44,6 +44,8 @@ class UserResult:
     expected_latency_ms: float = float("nan")
     latency_speedup: float = float("nan")
     sweep_latency_ms: list[float] = field(default_factory=list)
+    n_calibration: int = 0  # samples the threshold was chosen on
+    calibration_p_value: float = float("nan")  # rule "ltt": p-value of "drop > tolerance" there
 
 
 @dataclass

@@ -31,6 +31,7 @@ def build_frames(records: list[UserRecord], cost_table: pd.DataFrame) -> dict[st
             "n_test": result.n_test,
             "n_labelled": result.n_labelled,
             "personalise_s": result.personalise_s,
+            "n_calibration": result.n_calibration,
         }
         latency = result.latency_ms or [float("nan")] * (final_exit + 1)
         for stage, accuracies in (
@@ -65,6 +66,8 @@ def build_frames(records: list[UserRecord], cost_table: pd.DataFrame) -> dict[st
                 "expected_latency_ms": result.expected_latency_ms,
                 "latency_speedup": result.latency_speedup,
                 "active_exits": "".join(str(int(a)) for a in result.active_exits),
+                "n_calibration": result.n_calibration,
+                "calibration_p_value": result.calibration_p_value,
                 "peak_memory_mb": result.peak_memory_mb,
                 "notes": "; ".join(record.notes),
             }

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedexits.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from fedexits.report.federated import (
+    FEDERATED_CSV,
+    FEDERATED_PNG,
+    budget_section,
+    federated_section,
+    plot_federated_curve,
+)
+from fedexits.report.files import atomic_write_csv, atomic_write_json, atomic_write_text, to_jsonable
 from fedexits.report.markdown import render_run_report
 from fedexits.report.plots import (
     CDF_PNG,
@@ -61,11 +68,15 @@ def write_run_report(
     failures: pd.DataFrame | None,
     meta: dict | None,
     cost_table: pd.DataFrame | None = None,
+    federated: pd.DataFrame | None = None,
+    budget: pd.DataFrame | None = None,
     latency_table: pd.DataFrame | None = None,
 ) -> dict:
     """Write per_user.csv, thresholds.csv, sweep.csv, failures.csv (header even when empty),
-    cost_table.csv and latency.csv (when given), the figures, report.md and summary.json into
-    `run_dir`; return the summary dict.
+    cost_table.csv, latency.csv and federated.csv (when given; `federated`: one row per round, see
+    `fedexits.study.budget`), the figures, report.md and summary.json into `run_dir`; return the
+    summary dict. `budget` (per init: samples and FLOPs that trained the exits) goes into the
+    report and summary.json.
 
     Raises ValueError naming the missing columns if a table lacks a required column (after the
     CSVs are written, so the raw results are kept).
@@ -76,7 +87,7 @@ def write_run_report(
     frames = {name: with_schema(given[name], columns) for name, (_, columns) in _CSV_FILES.items()}
     for name, (file_name, _) in _CSV_FILES.items():
         atomic_write_csv(frames[name], run_dir / file_name)
-    extra_files = {COST_TABLE_CSV: cost_table, LATENCY_CSV: latency_table}
+    extra_files = {COST_TABLE_CSV: cost_table, LATENCY_CSV: latency_table, FEDERATED_CSV: federated}
     for file_name, table in extra_files.items():
         if table is not None:
             atomic_write_csv(table, run_dir / file_name)
@@ -86,6 +97,8 @@ def write_run_report(
     require_columns(thresholds, REQUIRED_THRESHOLDS, "thresholds")
     require_columns(sweep, REQUIRED_SWEEP, "sweep")
     summary = summarise(per_user, thresholds, frames["failures"], meta)
+    if budget is not None:
+        summary["budget"] = to_jsonable(budget.to_dict("records"))
 
     figures = {
         "Per-user accuracy CDF per exit, before and after personalisation (Fig. 3b)": plot_accuracy_cdf(
@@ -98,6 +111,14 @@ def write_run_report(
             sweep, per_user, run_dir / LATENCY_PNG
         ).name,
     }
+    meta = meta or {}
+    history = meta.get("federated_history")
+    federated_figure = None
+    if federated is not None:
+        central = next((r for r in summary.get("budget", []) if r["init"] == "global"), None)
+        reference = (history or {}).get("reference")
+        federated_figure = plot_federated_curve(federated, reference, central, run_dir / FEDERATED_PNG).name
+    sections = budget_section(budget) + federated_section(history, federated, federated_figure)
     report = render_run_report(
         summary,
         exit_table(per_user),
@@ -107,6 +128,7 @@ def write_run_report(
         data_files=[file_name for file_name, _ in _CSV_FILES.values()]
         + [name for name, table in extra_files.items() if table is not None]
         + [SUMMARY_JSON],
+        sections=sections,
     )
     atomic_write_text(run_dir / REPORT_MD, report)
     atomic_write_json(summary, run_dir / SUMMARY_JSON)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from fedexits.report.files import to_jsonable
+from fedexits.report.promise import promise_summary
 from fedexits.report.schema import (
     REQUIRED_PER_USER,
     REQUIRED_THRESHOLDS,
@@ -234,6 +235,7 @@ def summarise(
             },
             "user_runs": {"ok": len(ok_runs), "failed": len(failed_runs)},
             "drop_tolerance_pp": (meta.get("calibration") or {}).get("drop_tolerance_pp"),
+            "calibration_promise": promise_summary(thresholds, meta.get("calibration")),
             "status": (meta.get("status") or {}).get("status"),
             "times": meta.get("timings", {}),
             "inits": per_init,

@@ -85,15 +85,79 @@ INIT_PRESETS = {
 }
 
 
+# Flower's server strategies for federated exit training (`fedexits.fl.strategy` maps each name to
+# its Flower class); FedOpt's family takes a server learning rate, FedProx a proximal mu.
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
+
+
+@dataclass
+class StrategyConfig:
+    """The server strategy (the command line's `federated/strategy` group). Only the settings of
+    the chosen strategy may differ from their defaults, so a setting never silently does nothing."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0  # eta of fedadam / fedyogi / fedadagrad; fedavg and fedprox take the mean (1)
+    proximal_mu: float = 0.0  # fedprox: mu/2 * ||w - w_round||^2 in each client's local loss
+    beta_1: float = 0.9  # fedadam / fedyogi: first-moment decay
+    beta_2: float = 0.99  # fedadam / fedyogi: second-moment decay
+    tau: float = 1e-3  # fedadam / fedyogi / fedadagrad: adaptivity (added to the root of v)
+
+    def __post_init__(self):
+        check_settings(
+            "federated.strategy",
+            self,
+            [
+                ("name", self.name in STRATEGIES, "one of " + ", ".join(STRATEGIES)),
+                ("server_lr", self.server_lr > 0, "> 0"),
+                ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
+                ("beta_1", 0 <= self.beta_1 < 1, "in [0, 1)"),
+                ("beta_2", 0 <= self.beta_2 < 1, "in [0, 1)"),
+                ("tau", self.tau > 0, "> 0"),
+            ],
+        )
+        defaults = StrategyConfig.__dataclass_fields__
+        applies = {
+            "server_lr": SERVER_OPTIMISERS,
+            "proximal_mu": ("fedprox",),
+            "beta_1": ("fedadam", "fedyogi"),
+            "beta_2": ("fedadam", "fedyogi"),
+            "tau": SERVER_OPTIMISERS,
+        }
+        for name, strategies in applies.items():
+            if self.name not in strategies and getattr(self, name) != defaults[name].default:
+                raise SettingsError(
+                    f"federated.strategy.{name} applies to {', '.join(strategies)} only, "
+                    f"not {self.name}; got {getattr(self, name)!r}"
+                )
+
+
+# Named strategies (`federated/strategy=NAME`): changes to StrategyConfig's defaults.
+STRATEGY_PRESETS: dict[str, dict] = {
+    "fedavg": {},
+    "fedprox": dict(name="fedprox", proximal_mu=0.01),
+    "fedadam": dict(name="fedadam", server_lr=0.01),
+    "fedyogi": dict(name="fedyogi", server_lr=0.01),
+    "fedadagrad": dict(name="fedadagrad", server_lr=0.01),
+}
+
+
 @dataclass
 class FederatedConfig:
-    """FedAvg over the exits only (backbone frozen) across clients of the global population."""
+    """Federated exit training (init=federated): rounds over clients of the global population,
+    each training the exits on the frozen backbone; Flower's strategy aggregates them. A seeded
+    `eval_fraction` of the global users is kept out of training and evaluates the exits every
+    `eval_every` rounds."""
 
     rounds: int = 10
     clients_per_round: int = 10
     local_epochs: int = 1
     lr: float = 0.01
     batch_size: int = 32
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    eval_fraction: float = 0.1  # of the global users, kept for federated evaluation (at least one); 0: none
+    eval_every: int = 5  # rounds between federated evaluations (the last round is always evaluated)
+    feature_cache_mb: float = 1024.0  # per client process: each client's frozen features, kept across rounds
 
     def __post_init__(self):
         check_settings(
@@ -105,8 +169,27 @@ class FederatedConfig:
                 ("local_epochs", self.local_epochs >= 1, "an integer >= 1"),
                 ("lr", self.lr > 0, "> 0"),
                 ("batch_size", self.batch_size >= 2, "an integer >= 2"),
+                ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+                ("eval_every", self.eval_every >= 1, "an integer >= 1"),
+                ("feature_cache_mb", self.feature_cache_mb >= 0, ">= 0"),
             ],
         )
+
+    def eval_clients(self, num_global_users: int) -> int:
+        """How many global users evaluate (and never train)."""
+        if self.eval_fraction == 0 or num_global_users < 2:
+            return 0
+        return min(num_global_users - 1, max(1, round(self.eval_fraction * num_global_users)))
+
+    def check_population(self, num_global_users: int) -> None:
+        """Clients per round must fit the global users that train (refused, not clipped: a
+        clipped budget would not be the one the report names)."""
+        available = num_global_users - self.eval_clients(num_global_users)
+        if self.clients_per_round > available:
+            raise SettingsError(
+                f"federated.clients_per_round must be <= {available} (the {num_global_users} global users "
+                f"minus {num_global_users - available} evaluation clients), got {self.clients_per_round}"
+            )
 
 
 @dataclass
@@ -206,6 +289,8 @@ def register_configs() -> None:
         store.store(group="calibration", name=name, node=CalibrationConfig(**preset))
     for name, inits in INIT_PRESETS.items():
         store.store(group="init", name=name, node=InitConfig(inits=inits))
+    for name, preset in STRATEGY_PRESETS.items():
+        store.store(group="federated/strategy", name=name, node=StrategyConfig(**preset))
     store.store(group="simulation", name="default", node=SimulationConfig)
 
 

@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 
 from ..data import Population
+from ..data.split import stable_seed
 from ..engine.calibration import ExitCosts
 from .config import StudyConfig, settings_from_dict, settings_to_dict
 
@@ -72,3 +73,17 @@ def sample_users(num_held_out: int, num_users: int | None, seed: int) -> list[in
     if num_users is None or num_users >= num_held_out:
         return list(range(num_held_out))
     return sorted(random.Random(seed).sample(range(num_held_out), num_users))
+
+
+def federated_clients(
+    num_held_out: int, num_global: int, eval_clients: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """Partition ids of (training clients, evaluation clients) for federated exit training: both
+    from the global population (partitions after the held-out users, see `partition_users`),
+    disjoint; the evaluation clients are a seeded sample and never train. Held-out users, who are
+    personalised later, are never among either."""
+    global_partitions = list(range(num_held_out, num_held_out + num_global))
+    rng = random.Random(stable_seed(seed, "federated evaluation clients"))
+    evaluation = sorted(rng.sample(global_partitions, eval_clients))
+    chosen = set(evaluation)
+    return [p for p in global_partitions if p not in chosen], evaluation

@@ -19,6 +19,7 @@ from ..engine.device import resolve_device
 from ..engine.saved_exits import EXITS_DIR
 from ..errors import SettingsError
 from ..models import MultiExitSpec, build_multi_exit, cost_table
+from ..models.costs import training_flops
 from .config import StudyConfig
 from .plan import LatencyProfile, RunPlan, partition_users
 
@@ -32,9 +33,11 @@ class Prepared:
     num_held_out: int
     cost_table: pd.DataFrame
     population: dict  # Population.describe()
-    training: dict  # checkpoint, epoch losses, seconds
+    training: dict  # checkpoint, epoch losses, seconds, images per epoch
     latency_table: pd.DataFrame | None = None  # per exit and batch size, as measured
     timings: dict = field(default_factory=dict)
+    exit_buffers: list[str] = field(default_factory=list)  # running statistics among the exits' arrays
+    flops_per_image: dict = field(default_factory=dict)  # training costs, see `training_costs`
 
 
 def global_model_path(settings: StudyConfig, spec: MultiExitSpec) -> Path:
@@ -73,6 +76,8 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
     started = time.perf_counter()
     population = build_population(settings.dataset)
     data_s = time.perf_counter() - started
+    if "federated" in settings.init.inits:
+        settings.federated.check_population(len(population.global_users))
     spec = MultiExitSpec.from_config(settings.model, population.num_classes, population.input_shape)
     training = settings.global_training
     if spec.weights == "imagenet" and spec.num_classes != 1000 and training.mode == "exits_only":
@@ -83,9 +88,10 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
     path = global_model_path(settings, spec)
     model = build_multi_exit(spec, seed=training.seed)
     trained = time.perf_counter()
+    global_set = population.global_train_set()
     history = train_global(
         model,
-        population.global_train_set(),
+        global_set,
         training,
         path,
         progress=progress,
@@ -114,10 +120,24 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
             "checkpoint": str(path),
             "epoch_loss": history["epoch_loss"],
             "train_seconds": history["seconds"],
+            "images": len(global_set),
         },
         latency_table=latency_table,
         timings={"data_s": data_s, "global_model_s": global_model_s, "latency_profile_s": latency_s},
+        exit_buffers=[name for name, _ in model.exits.named_buffers()],
+        flops_per_image=training_costs(model),
     )
+
+
+def training_costs(model) -> dict:
+    """FLOPs per image of each way the exits get trained (`models.costs.training_flops`), and of
+    the frozen-feature pass (the whole network without the exits' heads)."""
+    table = cost_table(model)
+    costs = {
+        trains: training_flops(model, trains)
+        for trains in ("all", "exits", "exits_and_classifier", "exit_heads")
+    }
+    return {**costs, "features": float(table["mflops"].iloc[-1]) * 1e6}
 
 
 def initial_exits(plan: RunPlan, init: str) -> dict[str, torch.Tensor]:

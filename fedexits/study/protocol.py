@@ -10,6 +10,7 @@ from ..data.split import stable_seed
 from ..engine.calibration import CalibrationConfig, ExitCosts, apply_calibration, calibrate, sweep
 from ..engine.features import FrozenFeatures
 from ..engine.inference import exit_accuracies, exit_probabilities
+from ..engine.out_of_fold import personalise_out_of_fold
 from ..engine.personalise import METHODS, PersonalisationConfig, split_validation
 from ..engine.profiling import peak_memory_mb
 from ..errors import UserDataError
@@ -31,9 +32,10 @@ def run_user(
     its numbers.
 
     `train` is (x, y, labelled) of the personalisation split, `test` is (x, y). The threshold is
-    calibrated on the guard's validation split (or the personalisation split without a guard),
-    then evaluated on the test split. `profile_memory` measures the peak tensor memory of
-    personalisation exactly, at about twice its time.
+    calibrated (`calibration.rule`) on the guard's validation split (or the personalisation split
+    without a guard), or with `calibration.route` "out_of_fold" (method "exits") on out-of-fold
+    outputs for every personalisation image, then evaluated on the test split. `profile_memory`
+    measures the peak tensor memory of personalisation exactly, at about twice its time.
     """
     calibration = calibration or CalibrationConfig()
     x, y, labelled = train
@@ -45,30 +47,34 @@ def run_user(
     frozen = method in ("exits", "none")
     test_features = FrozenFeatures(model, x_test) if frozen else None
     before = exit_accuracies(_probabilities(model, x_test, test_features), y_test)
-    personalise = METHODS[method]
-    if profile_memory:  # exact, but slows personalisation (and its timing) ~2x
-        result, peak_mb = peak_memory_mb(lambda: personalise(model, x, y, labelled, config))
+    out_of_fold = method == "exits" and calibration.route == "out_of_fold"
+    if out_of_fold:  # every personalisation image decides the guard and the threshold
+
+        def personalise():
+            return personalise_out_of_fold(model, x, y, labelled, config, calibration.out_of_fold)
     else:
-        result, peak_mb = personalise(model, x, y, labelled, config), float("nan")
+
+        def personalise():
+            return METHODS[method](model, x, y, labelled, config)
+
+    if profile_memory:  # exact, but slows personalisation (and its timing) ~2x
+        outcome, peak_mb = peak_memory_mb(personalise)
+    else:
+        outcome, peak_mb = personalise(), float("nan")
+    result = outcome.personalisation if out_of_fold else outcome
     probs_test = _probabilities(model, x_test, test_features)
     after = exit_accuracies(probs_test, y_test)
 
-    if method == "exits" and config.guard:
-        _, calib_idx = split_validation(len(x), config.val_fraction, config.seed)
+    if out_of_fold:
+        probs_calib, targets = outcome.probs, outcome.targets
     else:
-        calib_idx = torch.arange(len(x))
-    probs_calib = exit_probabilities(model, x[calib_idx])
-    final_pred = probs_calib[-1].argmax(-1)
-    targets = torch.where(labelled[calib_idx], y[calib_idx], final_pred)
-    chosen = calibrate(
-        probs_calib,
-        targets,
-        cost_table,
-        latency,
-        calibration.drop_tolerance_pp,
-        prune=calibration.prune_exits,
-        margin_z=calibration.margin_z,
-    )
+        if method == "exits" and config.guard:
+            _, calib_idx = split_validation(len(x), config.val_fraction, config.seed)
+        else:
+            calib_idx = torch.arange(len(x))
+        probs_calib = exit_probabilities(model, x[calib_idx])
+        targets = torch.where(labelled[calib_idx], y[calib_idx], probs_calib[-1].argmax(-1))
+    chosen = calibrate(probs_calib, targets, cost_table, latency, calibration)
     at_threshold = apply_calibration(probs_test, y_test, chosen, cost_table, latency)
     test_sweep = sweep(probs_test, y_test, ExitCosts.flops(cost_table), chosen.active_exits, latency)
     out = UserResult(
@@ -89,6 +95,8 @@ def run_user(
         sweep_threshold=test_sweep["threshold"].tolist(),
         sweep_accuracy=test_sweep["accuracy"].tolist(),
         sweep_mflops=test_sweep["expected_mflops"].tolist(),
+        n_calibration=chosen.n_calibration,
+        calibration_p_value=float("nan") if chosen.p_value is None else chosen.p_value,
     )
     if latency is not None:
         out.latency_ms = [b + h for b, h in zip(latency.backbone, latency.heads)]

@@ -14,13 +14,14 @@ from pathlib import Path
 from ..report import write_run_report
 from ..report.records import UserRecord
 from ..report.results import build_frames
+from .budget import budget_table, federated_frame
 from .prepare import Prepared
 
 
 @dataclass
 class RunOutcome:
     records: list[UserRecord]
-    federated: dict | None = None  # federated exit training: loss per round, failed clients
+    federated: dict | None = None  # federated exit training: every round, evaluations, failures
     timings: dict = field(default_factory=dict)
 
 
@@ -72,17 +73,17 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         # each user's seed comes from `seed` and the user's id (personalisation.seed is unused)
         "personalisation": {k: v for k, v in asdict(settings.personalisation).items() if k != "seed"},
         "calibration": asdict(settings.calibration),
-        "calibration_split": (
-            "the guard's validation split (the same images decide the guard and the threshold)"
-            if settings.personalisation.guard and settings.personalisation.method == "exits"
-            else "the personalisation split"
-        ),
+        "calibration_split": calibration_split(settings),
         "latency": _latency_meta(prepared),
         "inits": settings.init.inits,
         "global_training": {**asdict(settings.global_training), **prepared.training},
-        "federated": outcome.federated,
+        "federated": asdict(settings.federated) if "federated" in settings.init.inits else None,
+        "federated_history": outcome.federated,
         "timings": {**prepared.timings, **outcome.timings},
     }
+    federated = (
+        None if outcome.federated is None else federated_frame(outcome.federated, prepared.flops_per_image)
+    )
     return write_run_report(
         out_dir,
         frames["per_user"],
@@ -91,5 +92,21 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         frames["failures"],
         meta,
         cost_table=prepared.cost_table,
+        federated=federated,
+        budget=budget_table(settings, prepared.training, prepared.flops_per_image, outcome.federated),
         latency_table=prepared.latency_table,
     )
+
+
+def calibration_split(settings) -> str:
+    """Which images each user's threshold was calibrated on (stated in the report)."""
+    exits = settings.personalisation.method == "exits"
+    if exits and settings.calibration.route == "out_of_fold":
+        folds = settings.calibration.out_of_fold.folds
+        return (
+            f"out-of-fold outputs on every personalisation image ({folds} folds; the guard decides "
+            "on the same outputs, the deployed exits train on every image)"
+        )
+    if exits and settings.personalisation.guard:
+        return "the guard's validation split (the same images decide the guard and the threshold)"
+    return "the personalisation split"

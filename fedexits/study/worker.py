@@ -9,14 +9,18 @@ No Flower here: the ClientApp and the plain in-process loop (benchmarks, noteboo
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 import torch
 from rich.progress import track
 
 from ..data import Population, build_population
-from ..engine import PersonalisationConfig, exits_file, load_model, personalise, save_exits
+from ..engine import exits_file, load_model, save_exits
 from ..engine.device import resolve_device
+from ..engine.features import FeatureStore, FrozenFeatures
+from ..engine.inference import exit_accuracies
+from ..engine.local_training import LocalTrainingConfig, train_exits_locally
 from ..errors import UserDataError, one_line
 from ..models import cost_table
 from ..report.records import Failure, UserRecord
@@ -32,6 +36,7 @@ class Worker:
     users: list[str]  # partition id -> user
     model: torch.nn.Module
     cost_table: object
+    features: FeatureStore | None = field(default=None, repr=False)  # federated clients' frozen features
     _shared_state: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -43,6 +48,8 @@ class Worker:
                 for name, tensor in self.model.state_dict().items()
                 if not name.startswith("exits.")
             }
+        if self.features is None:
+            self.features = FeatureStore(self.plan.settings.federated.feature_cache_mb)
 
     @functools.cached_property
     def latency(self):
@@ -89,26 +96,64 @@ class Worker:
             )
         return UserRecord(user, init, result, notes=list(data.notes))
 
-    def train_user(self, user: str, exits: dict[str, torch.Tensor], server_round: int):
-        """One client's local exit training in a FedAvg round (labels, no guard).
-        Returns (exit state, number of examples, last epoch's loss)."""
+    def client_features(self, user: str) -> tuple[FrozenFeatures, torch.Tensor, bool]:
+        """A federated client's frozen-backbone features and labels over all its images (central
+        training saw all of them too), and whether they were kept from an earlier round. Only
+        global users are federated clients: a held-out user's data is for personalisation."""
+        if user in self.held_out:
+            raise ValueError(f"user {user} is held out for personalisation; it is no federated client")
+        cached = user in self.features
+
+        def compute():
+            data = self.population.load_user(
+                user, label_fraction=1.0, seed=user_seed(self.plan.settings.seed, user)
+            )
+            x, y = torch.cat([data.train_x, data.test_x]), torch.cat([data.train_y, data.test_y])
+            return FrozenFeatures(self.model, x), y
+
+        features, labels = self.features.get(user, compute)
+        return features, labels, cached
+
+    def train_user(
+        self, user: str, exits: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0
+    ):
+        """One client's local exit training in a federated round (labels, no guard), on its
+        features kept across rounds. Returns a `LocalUpdate`."""
         settings = self.plan.settings
         fed = settings.federated
-        data = self.population.load_user(user, label_fraction=1.0, seed=user_seed(settings.seed, user))
+        features, labels, cached = self.client_features(user)
         self.load_exits(exits)
-        local = PersonalisationConfig(
-            alpha=1.0,
-            beta=0.0,
-            gamma=0.0,
+        local = LocalTrainingConfig(
             epochs=fed.local_epochs,
             lr=fed.lr,
             batch_size=fed.batch_size,
-            guard=False,
+            proximal_mu=proximal_mu,
             seed=user_seed(settings.seed, user, "round", server_round),
         )
-        result = personalise(self.model, data.train_x, data.train_y, data.labelled, local)
+        losses = train_exits_locally(self.model, features, labels, local)
         exits = {name: tensor.cpu() for name, tensor in self.model.exits.state_dict().items()}
-        return exits, data.n_train, result.epoch_losses[-1]
+        return LocalUpdate(exits, len(labels), losses[-1], cached)
+
+    def evaluate_exits(self, user: str, exits: dict[str, torch.Tensor]) -> tuple[int, list[float]]:
+        """Federated evaluation on a global user kept out of training: every exit's accuracy
+        over all its images (the final exit's last). Returns (images, accuracies)."""
+        features, labels, _ = self.client_features(user)
+        self.load_exits(exits)
+        return len(labels), exit_accuracies(features.exit_probabilities(self.model), labels)
+
+    @functools.cached_property
+    def held_out(self) -> frozenset[str]:
+        return frozenset(self.population.held_out_users)
+
+
+@dataclass
+class LocalUpdate:
+    """A client's reply in a training round."""
+
+    exits: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float  # the last local epoch's mean loss
+    features_cached: bool  # its frozen features were kept from an earlier round in this process
 
 
 @functools.lru_cache(maxsize=2)
@@ -120,7 +165,22 @@ def get_worker(plan_json: str) -> Worker:
     costs = cost_table(model)
     model.to(resolve_device(plan.settings.device))  # Ray's GPU for this client, with "auto"
     include_global = "federated" in plan.settings.init.inits
-    return Worker(plan, population, partition_users(population, include_global), model, costs)
+    users = partition_users(population, include_global)
+    return Worker(plan, population, users, model, costs, features=shared_feature_store(plan))
+
+
+_FEATURE_STORES: dict[str, FeatureStore] = {}
+
+
+def shared_feature_store(plan: RunPlan) -> FeatureStore:
+    """This process's store of client features for the plan's global model and population: the
+    features depend on nothing else, so runs that differ only in their federated settings (a
+    budget sweep in one Flower session) share them."""
+    key = json.dumps([plan.checkpoint, asdict(plan.settings.dataset)], sort_keys=True, default=str)
+    if key not in _FEATURE_STORES:
+        _FEATURE_STORES.clear()  # one global model at a time: free the previous one's features
+        _FEATURE_STORES[key] = FeatureStore(plan.settings.federated.feature_cache_mb)
+    return _FEATURE_STORES[key]
 
 
 def run_users_in_process(
