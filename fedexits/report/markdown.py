@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 
-from fedexits.report.schema import exit_label
+from fedexits.report.schema import exit_label, ordered_methods
 
 MISSING = "n/a"
 _MAX_CELL = 120
@@ -99,7 +99,7 @@ def _name_of(value) -> str:
 
 
 EXIT_COLUMNS = {
-    "init": "init", "exit_name": "exit", "mflops": "MFLOPs", "params": "params",
+    "init": "init", "method": "method", "exit_name": "exit", "mflops": "MFLOPs", "params": "params",
     "latency_ms": "latency (ms)", "n_users": "users", "accuracy_before_mean": "before (mean)",
     "accuracy_before_median": "before (median)", "accuracy_after_mean": "after (mean)",
     "accuracy_after_median": "after (median)", "gain_pp_mean": "gain (pp)",
@@ -114,7 +114,7 @@ EXIT_FORMATS = {
     "share_guard_fired": percent,
 }  # fmt: skip
 THRESHOLD_COLUMNS = {
-    "init": "init", "n_users": "users", "threshold_mean": "threshold (mean)",
+    "init": "init", "method": "method", "n_users": "users", "threshold_mean": "threshold (mean)",
     "threshold_median": "threshold (median)", "accuracy_mean": "accuracy at threshold",
     "final_accuracy_mean": "final-exit accuracy", "accuracy_drop_pp_mean": "drop (pp)",
     "speedup_mean": "speedup (mean)", "speedup_median": "speedup (median)",
@@ -128,7 +128,7 @@ THRESHOLD_FORMATS = {
     "expected_mflops_mean": number, "expected_latency_ms_mean": number,
 }  # fmt: skip
 HEADLINE_COLUMNS = {
-    "init": "init", "users_ok": "users ok", "users_failed": "users failed",
+    "init": "init", "method": "method", "users_ok": "users ok", "users_failed": "users failed",
     "early_exit_accuracy_before_mean": "early exits before", "early_exit_accuracy_after_mean":
     "early exits after", "early_exit_gain_pp_mean": "gain (pp)", "mean_threshold": "threshold",
     "mean_accuracy_at_threshold": "accuracy at threshold", "mean_final_accuracy":
@@ -144,8 +144,14 @@ HEADLINE_FORMATS = {
 
 
 def _headline_frame(summary: Mapping) -> pd.DataFrame:
-    rows = [{"init": init, **values} for init, values in summary.get("inits", {}).items()]
-    return pd.DataFrame(rows)
+    from fedexits.report.tables import summary_runs
+
+    return pd.DataFrame(summary_runs(dict(summary)))
+
+
+def _without_single_method(columns: Mapping[str, str], methods: list[str]) -> dict[str, str]:
+    """A run with one method keeps its tables as they were: no method column."""
+    return dict(columns) if len(methods) > 1 else {k: v for k, v in columns.items() if k != "method"}
 
 
 def _latency_sentence(latency: Mapping | None) -> str:
@@ -169,15 +175,17 @@ def _status_line(status: Mapping) -> str:
     return f"Run status: **failed**: {reason}. The numbers below cover the users that finished."
 
 
-def _failures_section(failures: pd.DataFrame | None) -> list[str]:
+def _failures_section(failures: pd.DataFrame | None, methods: list[str]) -> list[str]:
     if failures is None or failures.empty:
         return ["No user failed."]
-    lines = [f"{len(failures)} user run(s) (user x init) failed:", ""]
+    several = len(methods) > 1
+    lines = [f"{len(failures)} user run(s) (user x init{' x method' if several else ''}) failed:", ""]
     for record in failures.to_dict("records"):
         error = cell(record.get("error")) if not is_missing(record.get("error")) else "(no error)"
         kind = record.get("kind")
         kind = "" if is_missing(kind) else f" ({kind})"
-        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`{kind}: {error}")
+        method = f", method `{record.get('method')}`" if several else ""
+        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`{method}{kind}: {error}")
     return lines
 
 
@@ -187,10 +195,12 @@ def render_run_report(
     thresholds: pd.DataFrame,
     failures: pd.DataFrame | None,
     figures: Mapping[str, str],
-    data_files: list[str],
+    comparison: Mapping | None = None,
+    data_files: list[str] = (),
 ) -> str:
     """The text of report.md. `figures` maps a caption to a PNG path relative to the report;
-    `exits` and `thresholds` are the outputs of exit_table and threshold_table."""
+    `exits` and `thresholds` are the outputs of exit_table and threshold_table; `comparison`
+    that of `report.methods.methods_comparison` (with the name of its figure), or None."""
     meta = dict(summary.get("meta") or {})
     tolerance = summary.get("drop_tolerance_pp")
     users = summary.get("users", {})
@@ -198,6 +208,7 @@ def render_run_report(
     skip = ("timings.", "status.", "global_training.epoch_loss")
     setup = {key: value for key, value in flatten(meta).items() if not key.startswith(skip)}
     exits = exits.assign(exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))])
+    methods = ordered_methods(set(thresholds.get("method", [])) | set(exits.get("method", [])))
     lines = [
         f"# fedexits run report: {_name_of(meta.get('dataset'))} / {_name_of(meta.get('model'))}",
         "",
@@ -232,7 +243,9 @@ def render_run_report(
             "at each user's chosen threshold, relative to always running the final classifier."
         ),
         "",
-        markdown_table(_headline_frame(summary), HEADLINE_COLUMNS, HEADLINE_FORMATS),
+        markdown_table(
+            _headline_frame(summary), _without_single_method(HEADLINE_COLUMNS, methods), HEADLINE_FORMATS
+        ),
         "",
         "## Per-exit accuracy",
         "",
@@ -241,20 +254,22 @@ def render_run_report(
             "same user's accuracy before personalisation. Guard fired: share of users whose "
             "personalised exits were rejected on their validation split (global exits kept). The "
             "final exit is unchanged by construction."
+            + (_PER_EXIT_METHODS_NOTE if len(methods) > 1 or comparison else "")
         ),
         "",
-        markdown_table(exits, EXIT_COLUMNS, EXIT_FORMATS),
+        markdown_table(exits, _without_single_method(EXIT_COLUMNS, methods), EXIT_FORMATS),
         "",
         "## Thresholds",
         "",
-        markdown_table(thresholds, THRESHOLD_COLUMNS, THRESHOLD_FORMATS),
+        markdown_table(thresholds, _without_single_method(THRESHOLD_COLUMNS, methods), THRESHOLD_FORMATS),
         "",
+        *(methods_section(comparison) if comparison else []),
         "## Figures",
         "",
     ]
     for caption, relative_path in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({relative_path})", ""]
-    lines += ["## Failures", "", *_failures_section(failures), "", "## Times", ""]
+    lines += ["## Failures", "", *_failures_section(failures, methods), "", "## Times", ""]
     times = summary.get("times") or {}
     time_rows = pd.DataFrame({"step": list(times), "seconds": list(times.values())})
     lines += [markdown_table(time_rows, formats={"seconds": lambda v: number(v, 1)}), ""]
@@ -265,4 +280,97 @@ def render_run_report(
 def _final_exits(exits: pd.DataFrame) -> pd.Series:
     if exits.empty:
         return pd.Series(dtype=int)
-    return exits.groupby("init")["exit"].transform("max")
+    keys = [key for key in ("init", "method") if key in exits.columns]
+    return exits.groupby(keys)["exit"].transform("max")
+
+
+_PER_EXIT_METHODS_NOTE = (
+    " Other methods: `final` and `full` fine-tune the final classifier (and `full` the backbone), "
+    "so their final exit changes; the pruning methods do not use the exits (their early exits "
+    "have no *after*) and their final row is the user's pruned and retrained network, with its "
+    "own MFLOPs, parameters and latency."
+)
+
+
+def methods_section(comparison: Mapping) -> list[str]:
+    """The Methods section: one table (and one figure) comparing the methods on the same users,
+    the pruning levels, and the rule for "exits win at equal cost"."""
+    from fedexits.report.methods import FULL_NETWORK
+
+    table, levels = comparison["table"], comparison["levels"]
+    pruning = list(levels["method"].unique()) if len(levels) else []
+    table = table.assign(
+        fail_safe=table["fail_safe"].map({True: "yes", False: "no"}),
+        method=table["method"].map(lambda m: m if m != FULL_NETWORK else "full network (shared model)"),
+    )
+    lines = [
+        "## Methods",
+        "",
+        (
+            f"Every method on the same {comparison['users']} users (init `{comparison['init']}`), each at "
+            "its operating point: the calibrated threshold for the exit-based methods (`exits` trains "
+            "only the exits; `final`, `full` fine-tune the final classifier / the whole network; "
+            "`none` keeps the shared model), the user's pruned and retrained network for the pruning "
+            "methods. Speedups are against the full network; MFLOPs and latency are per sample "
+            "(latency at batch 1, in the run's runtime)."
+        ),
+        "",
+        markdown_table(table, METHODS_COLUMNS, METHODS_FORMATS),
+        "",
+    ]
+    if pruning:
+        lines += [
+            (
+                "**Pruning gives up the fail-safe.** `prune_data` (channel importance measured on the "
+                "user's data) and `prune_agnostic` (filter L1 norm of the shared weights) remove "
+                "channels of the backbone and of the shared final classifier, then retrain the "
+                "smaller network on the user's data: the user runs that network alone, so no shared "
+                "final classifier is left to fall back on. The exits are not used by the pruning "
+                "methods. A pruned network's MFLOPs are measured on it (torch's flop counter); its "
+                "latency is measured in the run's runtime round-robin with the unpruned network, "
+                "and that ratio scales the run's latency profile of the full network. Training time "
+                "and peak memory are those of pruning and retraining at the user's level."
+            ),
+            "",
+            "*Exits win*: " + comparison["rule"],
+            "",
+            "Every pruning level (the users' accuracy/cost curves, prune_sweep.csv):",
+            "",
+            markdown_table(levels, LEVEL_COLUMNS, LEVEL_FORMATS),
+            "",
+        ]
+    if comparison.get("figure"):
+        caption = "Methods: mean accuracy vs MFLOPs and latency per sample"
+        lines += [f"![{caption}]({comparison['figure']})", ""]
+    return lines
+
+
+METHODS_COLUMNS = {
+    "method": "method", "users": "users", "accuracy_mean": "accuracy", "mflops_mean": "MFLOPs/sample",
+    "latency_ms_mean": "ms/sample", "speedup_mean": "speedup (FLOPs)",
+    "latency_speedup_mean": "speedup (latency)", "personalise_s_mean": "training (s/user)",
+    "peak_memory_mb_mean": "peak memory (MB)", "fail_safe": "fail-safe kept",
+    "exits_win_share_mflops": "exits win at equal FLOPs", "exits_minus_pp_mflops":
+    "exits - method at equal FLOPs (pp)", "out_of_range_mflops": "out of range",
+    "exits_win_share_latency": "exits win at equal latency",
+}  # fmt: skip
+METHODS_FORMATS = {
+    "users": count, "accuracy_mean": percent, "mflops_mean": number, "latency_ms_mean": number,
+    "speedup_mean": times_x, "latency_speedup_mean": times_x, "personalise_s_mean": number,
+    "peak_memory_mb_mean": lambda v: number(v, 1), "exits_win_share_mflops": percent,
+    "exits_minus_pp_mflops": points, "out_of_range_mflops": count, "exits_win_share_latency": percent,
+}  # fmt: skip
+LEVEL_COLUMNS = {
+    "method": "method", "level": "FLOPs removed (asked)", "users": "users", "accuracy_mean": "accuracy",
+    "mflops_mean": "MFLOPs", "latency_ms_mean": "ms/sample", "speedup_mean": "speedup (FLOPs)",
+    "personalise_s_mean": "training (s/user)", "exits_at_mflops_mean": "exits at equal FLOPs",
+    "exits_win_share_mflops": "exits win", "gain_over_agnostic_pp_mean": "data-aware - agnostic (pp, mean)",
+    "gain_over_agnostic_pp_median": "(median)", "share_data_aware_better": "data-aware better",
+}  # fmt: skip
+LEVEL_FORMATS = {
+    "level": percent, "users": count, "accuracy_mean": percent, "mflops_mean": number,
+    "latency_ms_mean": number, "speedup_mean": times_x, "personalise_s_mean": number,
+    "exits_at_mflops_mean": percent, "exits_win_share_mflops": percent,
+    "gain_over_agnostic_pp_mean": points, "gain_over_agnostic_pp_median": points,
+    "share_data_aware_better": percent,
+}  # fmt: skip

@@ -44,6 +44,13 @@ class UserResult:
     expected_latency_ms: float = float("nan")
     latency_speedup: float = float("nan")
     sweep_latency_ms: list[float] = field(default_factory=list)
+    # Pruning methods replace the network: its measured cost (the final exit's row of the
+    # personalised stage), and one point per pruning level of the user's accuracy/cost curve
+    # (level, flops_removed, channel_ratio, accuracy, mflops, params, latency_ms, personalise_s).
+    network_mflops: float = float("nan")
+    network_params: float = float("nan")
+    network_latency_ms: float = float("nan")
+    prune_sweep: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -58,13 +65,15 @@ class Failure:
 
 @dataclass
 class UserRecord:
-    """One user under one exit initialisation: a result, or the reason there is none."""
+    """One user under one exit initialisation and personalisation method: a result, or the
+    reason there is none."""
 
     user: str
     init: str
     result: UserResult | None = None
     failure: Failure | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "only 120 images: held out 50% for test"
+    method: str = "exits"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -74,4 +83,5 @@ class UserRecord:
         data = json.loads(text)
         result = UserResult(**data["result"]) if data.get("result") else None
         failure = Failure(**data["failure"]) if data.get("failure") else None
-        return cls(data["user"], data["init"], result, failure, list(data.get("notes") or []))
+        notes = list(data.get("notes") or [])
+        return cls(data["user"], data["init"], result, failure, notes, data.get("method", "exits"))

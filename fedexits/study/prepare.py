@@ -15,6 +15,7 @@ import torch
 from ..atomic import atomic_write
 from ..data import build_population
 from ..engine import LatencySettings, latency_costs, load_model, profile_exit_latency, train_global
+from ..engine.pruning import PRUNING_METHODS, channel_shares
 from ..engine.saved_exits import EXITS_DIR
 from ..errors import SettingsError
 from ..models import MultiExitSpec, build_multi_exit, cost_table
@@ -80,6 +81,11 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         )
     path = global_model_path(settings, spec)
     model = build_multi_exit(spec, seed=training.seed)
+    prune_shares = None
+    if set(settings.personalisation.methods) & set(PRUNING_METHODS):  # the architecture's: no training
+        p = settings.personalisation
+        shares = channel_shares(model, p.pruned_levels, p.prune_round_to)  # refuses a bad level
+        prune_shares = {str(level): asdict(share) for level, share in shares.items()}
     trained = time.perf_counter()
     history = train_global(
         model,
@@ -100,7 +106,12 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         atomic_write(copy, lambda handle: handle.write(path.read_bytes()), "wb")
     return Prepared(
         plan=RunPlan(
-            settings, str(path), spec.architecture(), latency, None if run_dir is None else str(run_dir)
+            settings,
+            str(path),
+            spec.architecture(),
+            latency,
+            None if run_dir is None else str(run_dir),
+            prune_shares,
         ),
         users=partition_users(population, include_global),
         num_held_out=len(population.held_out_users),
