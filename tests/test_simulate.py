@@ -243,6 +243,7 @@ def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
         ("dataset=femnist_leaf", "dataset.path is required"),
         ("model=resnet", "model=resnet: no such option; available: femnist_mobilenet_v2, mobilenet_v2"),
         ("dataset.num_writer=3", "dataset.num_writer: Key 'num_writer' not in 'SyntheticConfig'"),
+        ("device=cuda:7", "device cuda:7: no such CUDA device"),
     ],
 )
 def test_bad_setting_is_one_line_and_refused_before_any_work(tmp_path, override, message):

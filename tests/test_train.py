@@ -139,8 +139,7 @@ def test_latency_profile_and_peak_memory(tiny_model):
     table = measure_latency(tiny_model, batch_sizes=(1, 4), repeats=3)
     assert len(table) == 2 * (tiny_model.num_exits + 1)
     assert (table["latency_ms"] > 0).all() and (table["head_ms"] > 0).all()
-    b1 = table[table.batch_size == 1].set_index("exit")["latency_ms"]
-    assert b1.iloc[-1] > b1.iloc[0]  # the full network is slower than the first exit
+    # (no comparison of times: on a loaded machine any ordering can happen; benchmarks/ compare)
     costs = latency_costs(table, batch_size=1)
     assert len(costs.backbone) == tiny_model.num_exits + 1
 

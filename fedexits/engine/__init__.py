@@ -13,6 +13,7 @@ from .calibration import (
     sweep,
 )
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .device import module_device, resolve_device
 from .export import ExportSettings, export_onnx, export_user, read_manifest
 from .inference import (
     EarlyExitOutput,
@@ -67,5 +68,5 @@ __all__ = [
     "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
     "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
     "LatencySettings", "network_latency_ms", "profile_exit_latency", "OnnxEarlyExit", "SavedExits",
-    "apply_exits", "exits_file", "load_exits", "save_exits",
+    "apply_exits", "exits_file", "load_exits", "save_exits", "module_device", "resolve_device",
 ]  # fmt: skip

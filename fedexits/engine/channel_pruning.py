@@ -24,7 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import SettingsError
-from ..models.costs import count_flops
+from ..models.costs import count_flops, module_device
 from .personalise import batch_bounds
 
 FLOPS_TOLERANCE = 0.1  # measured FLOPs within 10% of the requested FLOPs
@@ -51,7 +51,7 @@ def _pruner(network, input_shape, importance, ratios: dict | None = None) -> tp.
     group's root layer; the classifier's outputs (the classes) are kept."""
     network.eval()  # tracing runs a forward pass: BatchNorm statistics must not move
     last_linear = [m for m in network.modules() if isinstance(m, nn.Linear)][-1]
-    example = torch.zeros(1, *input_shape)
+    example = torch.zeros(1, *input_shape, device=module_device(network))
     return tp.pruner.MetaPruner(
         network,
         example,
@@ -136,7 +136,7 @@ def prune_channels(
 
 
 def flops_of(network, input_shape) -> int:
-    return count_flops(network.eval(), torch.zeros(1, *input_shape))[0]
+    return count_flops(network.eval(), torch.zeros(1, *input_shape, device=module_device(network)))[0]
 
 
 def channel_share_for(

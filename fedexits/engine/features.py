@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from .device import module_device
+
 
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
@@ -31,7 +33,7 @@ class FrozenFeatures:
         chunk_size: int = 256,
     ):
         self.model = model
-        self.x = x
+        self.x = x.to(module_device(model))  # features live where the model computes
         self.augment = augment
         self.chunk_size = chunk_size
         self.cached_exits: list[int] = []
@@ -104,4 +106,4 @@ class FrozenFeatures:
         now: re-evaluating after personalisation costs only the heads."""
         self.model.exits.eval()
         features, final_logits = self.batch(torch.arange(len(self.x)))
-        return torch.stack(self.model.heads_forward(features) + [final_logits]).softmax(dim=-1)
+        return torch.stack(self.model.heads_forward(features) + [final_logits]).softmax(dim=-1).cpu()

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import SettingsError
 from .calibration import ExitCosts
+from .device import module_device
 
 
 @dataclass
@@ -57,29 +58,30 @@ def dynamic_inference(model, x: torch.Tensor, thresholds, costs, batch_size: int
         costs = ExitCosts.flops(costs)
     costs = costs.per_exit([t is not None for t in thresholds]).float()
     at_block = {j: k for k, j in enumerate(model.exit_after)}
+    device = module_device(model)
     n = len(x)
     predictions = torch.empty(n, dtype=torch.long)
     exit_taken = torch.empty(n, dtype=torch.long)
     confidence = torch.empty(n)
     for start in range(0, n, batch_size):
-        h = x[start : start + batch_size]
+        h = x[start : start + batch_size].to(device)
         alive = torch.arange(start, start + len(h))
         for j, block in enumerate(model.blocks):
             h = block(h)
             k = at_block.get(j)
             if k is None or thresholds[k] is None:
                 continue
-            conf, pred = model.exits[k](h).softmax(dim=1).max(dim=1)
+            conf, pred = (t.cpu() for t in model.exits[k](h).softmax(dim=1).max(dim=1))
             leave = conf > thresholds[k]
             if leave.any():
                 ids = alive[leave]
                 predictions[ids], exit_taken[ids], confidence[ids] = pred[leave], k, conf[leave]
                 stay = ~leave
-                h, alive = h[stay], alive[stay]
+                h, alive = h[stay.to(device)], alive[stay]
                 if len(alive) == 0:
                     break
         if len(alive):
-            conf, pred = model.classifier(h).softmax(dim=1).max(dim=1)
+            conf, pred = (t.cpu() for t in model.classifier(h).softmax(dim=1).max(dim=1))
             predictions[alive], exit_taken[alive], confidence[alive] = pred, model.num_exits, conf
     return EarlyExitOutput(predictions, exit_taken, confidence, costs[exit_taken])
 
@@ -88,8 +90,12 @@ def dynamic_inference(model, x: torch.Tensor, thresholds, costs, batch_size: int
 def fixed_exit_inference(model, x: torch.Tensor, exit_index: int, batch_size: int = 256) -> torch.Tensor:
     """Logits of the network truncated at `exit_index` (M = full network)."""
     ensure_eval(model)
+    device = module_device(model)
     return torch.cat(
-        [model.forward_to_exit(x[s : s + batch_size], exit_index) for s in range(0, len(x), batch_size)]
+        [
+            model.forward_to_exit(x[s : s + batch_size].to(device), exit_index).cpu()
+            for s in range(0, len(x), batch_size)
+        ]
     )
 
 
@@ -98,7 +104,11 @@ def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.T
     """Softmax of every exit for every sample: (M+1, N, classes). One pass; what calibration,
     evaluation and profiling work from."""
     ensure_eval(model)
-    parts = [torch.stack(model(x[s : s + batch_size])).softmax(dim=-1) for s in range(0, len(x), batch_size)]
+    device = module_device(model)
+    parts = [
+        torch.stack(model(x[s : s + batch_size].to(device))).softmax(dim=-1).cpu()
+        for s in range(0, len(x), batch_size)
+    ]
     return torch.cat(parts, dim=1)
 
 

@@ -7,6 +7,7 @@ cost follows the FLOPs. So latency is measured in ONNX Runtime by default.
 
 from __future__ import annotations
 
+import copy
 import functools
 import tempfile
 from collections.abc import Sequence
@@ -89,7 +90,8 @@ def network_latency_ms(
     in the runtime of `settings` and timed round-robin, so their ratios hold on a busy machine."""
     settings = settings or LatencySettings()
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    deployed = [fuse(n.eval()) if settings.fold_bn else n.eval() for n in networks]
+    deployed = [copy.deepcopy(n).cpu().eval() for n in networks]  # timed on the CPU, like the profile
+    deployed = [fuse(n, inplace=True) for n in deployed] if settings.fold_bn else deployed
     if settings.runtime == "eager":
         threads = torch.get_num_threads()
         torch.set_num_threads(settings.threads)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SettingsError, UserDataError, check_settings
+from .device import module_device
 from .features import FrozenFeatures
 from .losses import ExitLossWeights, exit_loss
 
@@ -113,6 +114,12 @@ def check_user_data(model, x: torch.Tensor, y: torch.Tensor, labelled: torch.Ten
     return labelled
 
 
+def to_model_device(model, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors on the model's device (a no-op on the CPU)."""
+    device = module_device(model)
+    return tuple(t.to(device) for t in tensors)
+
+
 def num_classes_of(model) -> int:
     return model.exits[0].linear.out_features if model.num_exits else model.spec.num_classes
 
@@ -191,6 +198,7 @@ def personalise(
     """
     config = replace(config or PersonalisationConfig(), **overrides)
     labelled = check_user_data(model, x, y, labelled)
+    x, y, labelled = to_model_device(model, x, y, labelled)
     weights = config.loss_weights()
     start = time.perf_counter()
     train_idx = torch.arange(len(x))
@@ -265,6 +273,7 @@ def finetune_final(model, x, y, labelled=None, config=None, **overrides) -> Pers
     labelled = check_user_data(model, x, y, labelled)
     if not labelled.any():
         raise UserDataError("final-classifier fine-tuning needs labelled samples; this user has none")
+    x, y, labelled = to_model_device(model, x, y, labelled)
     start = time.perf_counter()
     model.eval()
     with torch.no_grad():
@@ -294,6 +303,7 @@ def finetune_full(model, x, y, labelled=None, config=None, **overrides) -> Perso
     labelled = check_user_data(model, x, y, labelled)
     if not labelled.any():
         raise UserDataError("full fine-tuning needs labelled samples; this user has none")
+    x, y, labelled = to_model_device(model, x, y, labelled)
     start = time.perf_counter()
     x_lab, y_lab = x[labelled], y[labelled]
     optimizer = make_optimizer(model.parameters(), config)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SettingsError, UserDataError, check_settings
-from ..models.costs import count_params
+from ..models.costs import count_params, module_device
 from .channel_pruning import (
     FLOPS_TOLERANCE,
     ROUND_TO,
@@ -205,7 +205,8 @@ def _check_level(level: float, flops: int, full_flops: int) -> None:
 @torch.no_grad()
 def predict(network: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     network.eval()
-    return torch.cat([network(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
+    device = module_device(network)
+    return torch.cat([network(x[s : s + batch_size].to(device)) for s in range(0, len(x), batch_size)])
 
 
 def _training_set(network, x, y, labelled, pseudo_labels: bool):
@@ -404,7 +405,7 @@ def evaluate_networks(
     latencies = network_latency_ms(timed, shape, latency)
     out = []
     for network, latency_ms in zip(networks, latencies):
-        accuracy = (predict(network, x_test).argmax(1) == y_test).double().mean().item()
+        accuracy = (predict(network, x_test).argmax(1).cpu() == y_test.cpu()).double().mean().item()
         mflops = flops_of(network, shape) / 1e6
         row = dict(accuracy=accuracy, mflops=mflops, params=count_params(network), latency_ms=latency_ms)
         if reference is not None:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import CheckpointError, DataError, check_settings
 from .checkpoint import check_architecture, read_checkpoint, save_checkpoint
+from .device import module_device
 from .losses import sdn_exit_weights, sdn_loss
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ def train_global(
     checkpoint_path: str | Path | None = None,
     progress: bool = True,
     extra: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
-    """Train `model` in place; returns the history (loss per epoch, seconds).
+    """Train `model` in place (on `device`, or where it is); returns the history (loss per
+    epoch, seconds).
 
     With `checkpoint_path`, an existing checkpoint made with the same config and architecture is
     resumed (or returned as is when complete); one made with another config is refused.
@@ -100,6 +103,9 @@ def train_global(
     """
     config = config or TrainConfig()
     extra = extra or {}
+    if device is not None:
+        model.to(device)
+    device = module_device(model)
     if len(dataset) < 2:
         raise DataError(f"global training set has {len(dataset)} samples; need at least 2")
     history = {"epoch_loss": [], "seconds": 0.0}
@@ -119,7 +125,7 @@ def train_global(
                 "delete it or choose another path"
             )
         model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint["optimizer"])  # moves its state to the parameters' device
         history = checkpoint["history"]
         start_epoch = checkpoint["epoch"]
     drop_last = len(dataset) > config.batch_size
@@ -149,6 +155,7 @@ def train_global(
             total, batches = 0.0, 0
             _set_train_mode(model, config.mode)
             for i, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 step = epoch * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, step, total_steps)

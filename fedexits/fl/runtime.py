@@ -3,9 +3,10 @@
 Flower 1.41 runs a ServerApp and its ClientApps in this process through
 `flwr.simulation.run_simulation`, which it marks deprecated in favour of `flwr run` (a SuperLink
 that launches the apps in processes of its own). Both run the same `ServerApp`/`ClientApp`
-(`fedexits.fl.server_app`, `fedexits.fl.client_app`); `flwr run .` is documented and tested. The
-deprecated call is confined to `run_in_simulation_engine` below, so replacing it touches nothing
-else; its warning is logged once here instead of on every run.
+(`fedexits.fl.server_app`, `fedexits.fl.client_app`), and `flwr run .` is the documented
+replacement (README, "flwr run"). The deprecated call is confined to `run_in_simulation_engine`
+below, so replacing it touches nothing else; its warning, which a user of this tool can do nothing
+about, is filtered here rather than printed on every run.
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     return counter.get_total_flops(), out
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for a module without parameters): the engine
+    moves its inputs there."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
 def count_params(modules: nn.Module | Sequence[nn.Module]) -> int:
     if isinstance(modules, nn.Module):
         modules = [modules]
@@ -33,7 +41,7 @@ def block_flops(
     blocks: Sequence[nn.Module], classifier: nn.Module, input_shape: Sequence[int]
 ) -> tuple[list[int], int, list[torch.Size]]:
     """Per-block FLOPs for one sample, the classifier's FLOPs, and each block's output shape."""
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=module_device(blocks[0]))
     flops, shapes = [], []
     was_training = [m.training for m in blocks]
     for block in blocks:
@@ -95,7 +103,7 @@ def cost_table(model) -> pd.DataFrame:
     for k, (head, j) in enumerate(zip(model.exits, model.exit_after)):
         was_training = head.training
         head.eval()
-        head_flops, _ = count_flops(head, torch.zeros(1, *shapes[j]))
+        head_flops, _ = count_flops(head, torch.zeros(1, *shapes[j], device=module_device(head)))
         head.train(was_training)
         heads_so_far += head_flops
         rows.append(

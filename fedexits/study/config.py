@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import CONFIG_CLASSES, parse_config
 from ..engine.calibration import CALIBRATION_PRESETS, CalibrationConfig
+from ..engine.device import check_device_name
 from ..engine.latency import LatencySettings
 from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
 from ..engine.pruning import PRUNABLE_BACKBONES, PRUNING_METHODS, PruningConfig, check_finetune_budget
@@ -170,6 +171,7 @@ class StudyConfig:
 
     seed: int = 0
     cache_dir: str = "${oc.env:FEDEXITS_CACHE_DIR,'~/.cache/fedexits'}"  # data and global models
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (engine/device.py): training, features, evaluation
     dataset: Any = MISSING  # one of fedexits.data.config's dataclasses
     model: ModelConfig = field(default_factory=ModelConfig)
     global_training: TrainConfig = field(default_factory=TrainConfig)
@@ -182,6 +184,7 @@ class StudyConfig:
 
     def __post_init__(self):
         self.cache_dir = os.path.abspath(os.path.expanduser(self.cache_dir))
+        check_device_name(self.device)
         self.dataset = parse_config(self.dataset)
         p = self.personalisation
         if "exits" in p.methods:  # a loss that is zero for every user fails the run, not each user

@@ -15,6 +15,7 @@ import torch
 from ..atomic import atomic_write
 from ..data import build_population
 from ..engine import LatencySettings, latency_costs, load_model, profile_exit_latency, train_global
+from ..engine.device import resolve_device
 from ..engine.pruning import PRUNING_METHODS, channel_shares
 from ..engine.saved_exits import EXITS_DIR
 from ..errors import SettingsError
@@ -69,6 +70,7 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
     reused), and profile latency once (clients measuring themselves would disturb each other).
     With `run_dir` and `simulation.save_exits`, the run keeps its own copy of the global model
     next to the users' exits (RUN_DIR/exits/), so it can be exported after the cache is gone."""
+    device = resolve_device(settings.device)  # a missing GPU fails here, before any work
     started = time.perf_counter()
     population = build_population(settings.dataset)
     data_s = time.perf_counter() - started
@@ -94,7 +96,9 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         path,
         progress=progress,
         extra={"dataset": asdict(settings.dataset)},
+        device=device,
     )
+    model.cpu()  # costs, latency (ONNX Runtime) and the clients start from the CPU copy
     global_model_s = time.perf_counter() - trained
     profiled = time.perf_counter()
     latency, latency_table = profile_latency(model, settings.latency)

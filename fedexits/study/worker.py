@@ -16,6 +16,7 @@ from rich.progress import track
 
 from ..data import Population, build_population
 from ..engine import PRUNING_METHODS, PersonalisationConfig, exits_file, load_model, personalise, save_exits
+from ..engine.device import resolve_device
 from ..errors import UserDataError, one_line
 from ..models import cost_table
 from ..report.records import Failure, UserRecord
@@ -130,7 +131,8 @@ class Worker:
             seed=user_seed(settings.seed, user, "round", server_round),
         )
         result = personalise(self.model, data.train_x, data.train_y, data.labelled, local)
-        return self.model.exits.state_dict(), data.n_train, result.epoch_losses[-1]
+        exits = {name: tensor.cpu() for name, tensor in self.model.exits.state_dict().items()}
+        return exits, data.n_train, result.epoch_losses[-1]
 
 
 @functools.lru_cache(maxsize=2)
@@ -139,8 +141,10 @@ def get_worker(plan_json: str) -> Worker:
     plan = RunPlan.from_json(plan_json)
     population = build_population(plan.settings.dataset)
     model, _ = load_model(plan.checkpoint)
+    costs = cost_table(model)
+    model.to(resolve_device(plan.settings.device))  # Ray's GPU for this client, with "auto"
     include_global = "federated" in plan.settings.init.inits
-    return Worker(plan, population, partition_users(population, include_global), model, cost_table(model))
+    return Worker(plan, population, partition_users(population, include_global), model, costs)
 
 
 def run_users_in_process(
