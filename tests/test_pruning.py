@@ -118,9 +118,7 @@ def test_evaluation_reports_accuracy_flops_and_latency(tiny_model):
     x, y = make_user(n=32, seed=7)
     x_test, y_test = make_user(n=20, seed=8)
     result = prune_agnostic(tiny_model, x, y, config=FAST)
-    out = evaluate_pruned(
-        result.network, x_test, y_test, reference=final_network(tiny_model), repeats=3
-    )
+    out = evaluate_pruned(result.network, x_test, y_test, reference=final_network(tiny_model), repeats=3)
     assert 0 <= out["accuracy"] <= 1 and out["mflops"] == pytest.approx(result.mflops)
     assert out["flops_speedup"] == pytest.approx(1 / (1 - result.flops_removed))
     assert out["latency_ms"] > 0 and out["reference_latency_ms"] > 0
@@ -146,12 +144,16 @@ def test_bad_settings_and_data_give_one_line(tiny_model):
     x, y = make_user(n=16, seed=9)
     with pytest.raises(SettingsError, match="would remove every channel of layer"):
         prune_agnostic(tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_flops_fraction=0.99))
-    with pytest.raises(SettingsError, match=r"personalisation.prune_levels must be a list of shares in \(0, 1\)"):
+    with pytest.raises(
+        SettingsError, match=r"personalisation.prune_levels must be a list of shares in \(0, 1\)"
+    ):
         prune_sweep(tiny_model, x, y, config=FAST, levels=(0.5, 1.0))
     with pytest.raises(SettingsError, match="personalisation.prune_importance must be"):
         PruningConfig(prune_importance="random")
     with pytest.raises(SettingsError, match="finetune_epochs"):
-        prune_data(tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_importance="finetuned_magnitude"))
+        prune_data(
+            tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_importance="finetuned_magnitude")
+        )
     custom = make_tiny_model()
     custom.spec = type(custom.spec)(backbone="my_vit")
     with pytest.raises(SettingsError, match="backbone 'my_vit' cannot be pruned"):
