@@ -4,12 +4,12 @@ Rajagopal & Bouganis, "Now that I can see, I can improve: Enabling data-driven f
 on the edge", CVPR workshops 2020 (arXiv 2006.08554): remove whole channels of the shared CNN
 using the user's own data, then retrain the smaller network on that data. Two methods:
 
-- `prune_data`: channel importance measured on the user's data. `importance="taylor"` (default)
+- `prune_data`: channel importance measured on the user's data. `prune_importance="taylor"` (default)
   is the first-order Taylor estimate of how much the user's loss changes when a channel goes,
   |w * dL/dw| summed over the channel's dependency group (Molchanov et al., CVPR 2019,
   torch-pruning's `GroupTaylorImportance`), from one gradient pass over the user's images.
-  `importance="finetuned_magnitude"` is the seed paper's own procedure (its ADaPT code): fine-tune
-  the whole network on the user's data for `finetune_epochs`, then rank filters by L1 norm; the
+  `prune_importance="finetuned_magnitude"` is the seed paper's own procedure (its ADaPT code): fine-tune
+  the whole network on the user's data for `prune_finetune_epochs`, then rank filters by L1 norm; the
   fine-tuning epochs come out of the retraining budget, so both methods train equally long.
 - `prune_agnostic`: filter L1 norm of the shared weights (Li et al., ICLR 2017), the seed paper's
   data-agnostic ranking; the data is used only for retraining. (The seed's agnostic arm also
