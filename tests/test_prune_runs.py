@@ -16,7 +16,15 @@ from fedexits.study.prepare import initial_exits, prepare
 from fedexits.study.worker import get_worker, run_users_in_process
 from tests.test_simulate import TINY, cache_env, run_cli
 
-BASELINES = ["personalisation.baselines=[prune_data,prune_agnostic]", "personalisation.prune_levels=[0.5]"]
+# The smallest run that still has something to compare (no accuracy is asserted here).
+BASELINES = [
+    "personalisation.baselines=[prune_data,prune_agnostic]",
+    "personalisation.prune_levels=[0.5]",
+    "dataset.num_writers=10",
+    "dataset.num_held_out=3",
+    "global_training.epochs=1",
+    "personalisation.epochs=2",
+]
 METHODS = {"exits", "prune_data", "prune_agnostic"}
 
 
@@ -28,7 +36,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    run_cli(TINY + BASELINES + ["simulation.num_users=2", f"hydra.run.dir={out}"], env)
+    run_cli(TINY + BASELINES + ["simulation.num_users=2", f"hydra.run.dir={out}"], env, timeout=1800)
     return out
 
 
