@@ -16,6 +16,8 @@ import resource
 import time
 from pathlib import Path
 
+import torch
+
 from fedexits.fl.runtime import run_in_simulation_engine
 from fedexits.report.files import atomic_write_json
 from fedexits.report.results import build_frames
@@ -56,7 +58,9 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    prepared = prepare(settings_for(args.clients, args.overrides))
+    settings = settings_for(args.clients, args.overrides)
+    client_cpus = max(1, int(settings.simulation.client_cpus))
+    prepared = prepare(settings)
     prepared_s = time.perf_counter() - started
     rss_before_flower = peak_rss_mb()
     started = time.perf_counter()
@@ -76,6 +80,7 @@ def main() -> None:
     }
     if not args.skip_loop:
         get_worker.cache_clear()
+        torch.set_num_threads(client_cpus)  # as each Flower client: the same work, same threads
         started = time.perf_counter()
         users = prepared.users[: prepared.num_held_out]
         loop = build_frames(
