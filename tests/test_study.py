@@ -148,3 +148,16 @@ def test_a_stopped_backend_ends_the_wait_instead_of_hanging():
     messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=0))]
     with pytest.raises(BackendStopped, match="the simulation backend stopped"):
         send_and_collect(SilentGrid(silent={0}), messages, "test", stopped, timeout_s=3600)
+
+
+def test_ray_joins_a_cluster_only_when_asked():
+    """Ray's default address joins the latest `ray start` cluster on the machine."""
+    from fedexits.fl.runtime import backend_config
+
+    def address(*overrides):
+        settings = compose_config(["+experiment=smoke", *overrides])
+        prepared = SimpleNamespace(plan=SimpleNamespace(settings=settings))
+        return backend_config(prepared)["init_args"]["address"]
+
+    assert address() == "local"
+    assert address("simulation.ray_address=127.0.0.1:6391") == "127.0.0.1:6391"

@@ -33,8 +33,9 @@ class _DropFlowerNoise(logging.Filter):
 def backend_config(prepared: Prepared) -> dict:
     sim = prepared.plan.settings.simulation
     init_args = {"logging_level": "error", **sim.ray_init_args}
-    if sim.ray_address:
-        init_args["address"] = sim.ray_address
+    # Ray's default (no address) joins the latest cluster started on this machine, so a run would
+    # silently land on someone's `ray start` cluster: join one only when asked to.
+    init_args["address"] = sim.ray_address or init_args.get("address", "local")
     return {
         "client_resources": {"num_cpus": float(sim.client_cpus), "num_gpus": float(sim.client_gpus)},
         "init_args": init_args,
