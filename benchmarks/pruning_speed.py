@@ -65,7 +65,7 @@ def main() -> None:
     # Timing depends on shapes, not pixels: random images stand in for a user's.
     x = torch.rand(args.batch_size, *model.input_shape, generator=g)
     y = torch.randint(0, classes, (args.batch_size,), generator=g)
-    only_prune = PruningConfig(retrain_epochs=0)
+    only_prune = PruningConfig(prune_retrain_epochs=0)
     pruned = prune_sweep(
         model, x, y, None, PersonalisationConfig(), only_prune, "prune_agnostic", args.levels
     )

@@ -26,13 +26,15 @@ from fedexits.report.markdown import (
     count,
     is_missing,
     markdown_table,
+    number,
     percent,
     points,
     times_x,
 )
 from fedexits.report.plots import SWEEP_PNG, plot_sweep_accuracy
 from fedexits.report.run import SUMMARY_JSON
-from fedexits.report.schema import ordered_inits
+from fedexits.report.schema import ordered_inits, ordered_methods
+from fedexits.report.tables import summary_runs
 
 ERROR_TXT = "error.txt"
 OVERRIDES_YAML = Path(".hydra") / "overrides.yaml"
@@ -42,7 +44,8 @@ OVERRIDE_PREFIX = "override."  # override columns can't clash with result column
 
 INIT_FIELDS = [
     "users_ok", "users_failed", "early_exit_gain_pp_mean", "mean_threshold",
-    "mean_accuracy_at_threshold", "mean_final_accuracy", "mean_speedup", "mean_latency_speedup",
+    "mean_accuracy_at_threshold", "mean_final_accuracy", "mean_expected_mflops", "mean_speedup",
+    "mean_latency_speedup", "mean_personalise_s",
 ]  # fmt: skip
 EXIT_FIELDS = [
     "exit", "is_final", "accuracy_before_mean", "accuracy_before_median", "accuracy_after_mean",
@@ -106,7 +109,8 @@ def _read_summary(job_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def job_rows(job_dir: Path) -> list[dict]:
-    """One row per init x exit of a finished job, or a single "failed" row with the error."""
+    """One row per run (init x method) x exit of a finished job, or a single "failed" row with
+    the error."""
     job_dir = Path(job_dir)
     overrides = read_overrides(job_dir)
     base = {
@@ -124,10 +128,11 @@ def job_rows(job_dir: Path) -> list[dict]:
     if status.get("status") == "failed":
         base.update(status="failed", error=f"run failed: {status.get('reason')}")
     rows = []
-    for init, results in (summary.get("inits") or {}).items():
-        init_values = {"init": init, **{field: results.get(field) for field in INIT_FIELDS}}
-        exits = results.get("exits") or [{}]
-        rows += [{**base, **init_values, **{f: record.get(f) for f in EXIT_FIELDS}} for record in exits]
+    for run in summary_runs(summary):
+        run_values = {"init": run["init"], "method": run["method"]}
+        run_values.update({field: run.get(field) for field in INIT_FIELDS})
+        exits = run.get("exits") or [{}]
+        rows += [{**base, **run_values, **{f: record.get(f) for f in EXIT_FIELDS}} for record in exits]
     return rows or [base]
 
 
@@ -136,7 +141,7 @@ def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     rows = [row for job_dir in find_jobs(Path(sweep_dir)) for row in job_rows(job_dir)]
     table = pd.DataFrame(rows)
     overrides = sorted(c for c in table.columns if c.startswith(OVERRIDE_PREFIX))
-    first = ["job", "status", *overrides, "init", *EXIT_FIELDS, *INIT_FIELDS]
+    first = ["job", "status", *overrides, "init", "method", *EXIT_FIELDS, *INIT_FIELDS]
     table = table.reindex(columns=first + ["label", "error", "job_dir"])
     integers = ["job", "exit", "users_ok", "users_failed"]
     return table.astype({column: "Int64" for column in integers})
@@ -147,13 +152,13 @@ def _exit_name(record) -> str:
 
 
 def _accuracy_by_exit(ok_rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows job x init, columns "exit 0".. "final": mean personalised accuracy (as text)."""
+    """Rows job x init x method, columns "exit 0".. "final": mean personalised accuracy (text)."""
     rows = ok_rows.dropna(subset=["exit"])
     if rows.empty:
-        return pd.DataFrame(columns=["label", "init"])
+        return pd.DataFrame(columns=["label", "init", "method"])
     rows = rows.assign(exit_name=rows.apply(_exit_name, axis=1))
     wide = rows.pivot_table(
-        index=["job", "label", "init"],
+        index=["job", "label", "init", "method"],
         columns="exit_name",
         values="accuracy_after_mean",
         aggfunc="first",
@@ -171,9 +176,13 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
     failed = jobs[jobs["status"] == "failed"]
     ok_rows = table[table["status"] == "ok"]
     init_rank = {init: rank for rank, init in enumerate(ordered_inits(ok_rows["init"].dropna()))}
-    headline = ok_rows.drop_duplicates(["job", "init"]).dropna(subset=["init"])
-    headline = headline.assign(_rank=headline["init"].map(init_rank)).sort_values(["job", "_rank"])
+    methods = ordered_methods(ok_rows["method"].dropna())
+    method_rank = {method: rank for rank, method in enumerate(methods)}
+    headline = ok_rows.drop_duplicates(["job", "init", "method"]).dropna(subset=["init"])
+    headline = headline.assign(_rank=headline["init"].map(init_rank), _m=headline["method"].map(method_rank))
+    headline = headline.sort_values(["job", "_rank", "_m"])
     by_exit = _accuracy_by_exit(ok_rows)
+    method_column = {"method": "method"} if len(methods) > 1 else {}
     lines = [
         f"# Sweep: {cell(str(sweep_dir))}",
         "",
@@ -200,7 +209,8 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
             {
                 "label": "job",
                 "init": "init",
-                **{c: c for c in by_exit.columns if c not in ("job", "label", "init")},
+                **method_column,
+                **{c: c for c in by_exit.columns if c not in ("job", "label", "init", "method")},
             },
         ),
         "",
@@ -208,7 +218,8 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
         "",
         (
             "Gain: mean over the early exits of the personalised minus non-personalised accuracy. "
-            "Speedups at each user's chosen threshold, relative to the final classifier."
+            "Speedups at each user's chosen threshold (a pruning method: its pruned network), "
+            "relative to the full network."
         ),
         "",
         markdown_table(
@@ -216,13 +227,16 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
             {
                 "label": "job",
                 "init": "init",
+                **method_column,
                 "users_ok": "users ok",
                 "users_failed": "users failed",
                 "early_exit_gain_pp_mean": "gain (pp)",
                 "mean_accuracy_at_threshold": "accuracy at threshold",
                 "mean_final_accuracy": "final-exit accuracy",
+                "mean_expected_mflops": "MFLOPs/sample",
                 "mean_speedup": "speedup",
                 "mean_latency_speedup": "latency speedup",
+                "mean_personalise_s": "personalise (s/user)",
             },
             {
                 "users_ok": count,
@@ -230,8 +244,10 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
                 "early_exit_gain_pp_mean": points,
                 "mean_accuracy_at_threshold": percent,
                 "mean_final_accuracy": percent,
+                "mean_expected_mflops": number,
                 "mean_speedup": times_x,
                 "mean_latency_speedup": times_x,
+                "mean_personalise_s": number,
             },
         ),
         "",

@@ -8,7 +8,7 @@ held-out user's copy of the network is pruned at each level (share of FLOPs remo
 - `agnostic`: filter L1 norm of the shared weights (`prune_agnostic`);
 - `taylor`: first-order Taylor importance on the user's data (`prune_data`, the default);
 - `seed`: the seed's own procedure, fine-tune on the user's data, then L1 (`prune_data`,
-  importance="finetuned_magnitude"; the fine-tuning epochs come out of the same budget);
+  prune_importance="finetuned_magnitude"; the fine-tuning epochs come out of the same budget);
 
 then retrained on the user's data with the same budget, and tested on the user's test images.
 All three give the same architecture at a level, so only the kept channels differ. Writes
@@ -40,8 +40,8 @@ from fedexits.models import MultiExitSpec, build_multi_exit
 
 METHODS = {
     "agnostic": ("prune_agnostic", PruningConfig()),
-    "taylor": ("prune_data", PruningConfig(importance="taylor")),
-    "seed": ("prune_data", PruningConfig(importance="finetuned_magnitude")),
+    "taylor": ("prune_data", PruningConfig(prune_importance="taylor")),
+    "seed": ("prune_data", PruningConfig(prune_importance="finetuned_magnitude")),
 }
 SEED_PAPER_GAIN_PP = 10.2
 
@@ -88,7 +88,7 @@ def run_user(model, population, user: str, args) -> list[dict]:
         )
     ]
     for name, (method, pruning) in METHODS.items():
-        pruning = replace(pruning, retrain_lr=args.lr)
+        pruning = replace(pruning, prune_retrain_lr=args.lr)
         results = prune_sweep(
             model, data.train_x, data.train_y, data.labelled, config, pruning, method, args.levels
         )

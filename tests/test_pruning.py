@@ -58,7 +58,7 @@ def test_pruned_network_is_smaller_runs_and_meets_the_flop_target(tiny_model, me
 
 def test_data_aware_importance_depends_on_the_data_agnostic_does_not(tiny_model):
     users = [make_user(n=40, seed=2), make_user(n=40, seed=3, shift=3)]
-    no_retraining = PruningConfig(retrain_epochs=0)
+    no_retraining = PruningConfig(prune_retrain_epochs=0)
     aware = [prune_data(tiny_model, x, y, config=FAST, pruning=no_retraining) for x, y in users]
     agnostic = [prune_agnostic(tiny_model, x, y, config=FAST, pruning=no_retraining) for x, y in users]
     assert aware[0].pruned_channels.keys() == aware[1].pruned_channels.keys()
@@ -75,9 +75,11 @@ def test_retraining_changes_only_the_pruned_copy(tiny_model):
     shared = state(tiny_model)
     flags = [p.requires_grad for p in tiny_model.parameters()]
     trained = prune_data(tiny_model, x, y, labelled, FAST)
-    finetune = PruningConfig(importance="finetuned_magnitude", finetune_epochs=1, retrain_epochs=2)
+    finetune = PruningConfig(
+        prune_importance="finetuned_magnitude", prune_finetune_epochs=1, prune_retrain_epochs=2
+    )
     finetuned = prune_data(tiny_model, x, y, labelled, FAST, finetune)
-    untrained = prune_data(tiny_model, x, y, labelled, FAST, PruningConfig(retrain_epochs=0))
+    untrained = prune_data(tiny_model, x, y, labelled, FAST, PruningConfig(prune_retrain_epochs=0))
     assert same_state(state(tiny_model), shared)  # bit-identical, BatchNorm statistics included
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert not tiny_model.training
@@ -116,9 +118,7 @@ def test_evaluation_reports_accuracy_flops_and_latency(tiny_model):
     x, y = make_user(n=32, seed=7)
     x_test, y_test = make_user(n=20, seed=8)
     result = prune_agnostic(tiny_model, x, y, config=FAST)
-    out = evaluate_pruned(
-        result.network, x_test, y_test, reference=final_network(tiny_model), latency_repeats=3
-    )
+    out = evaluate_pruned(result.network, x_test, y_test, reference=final_network(tiny_model), repeats=3)
     assert 0 <= out["accuracy"] <= 1 and out["mflops"] == pytest.approx(result.mflops)
     assert out["flops_speedup"] == pytest.approx(1 / (1 - result.flops_removed))
     assert out["latency_ms"] > 0 and out["reference_latency_ms"] > 0
@@ -136,7 +136,7 @@ def test_resnet18_prunes_and_runs():
 
 @pytest.mark.parametrize("level", [0.0, 1.0, -0.2, 1.5])
 def test_level_outside_zero_one_is_refused(level):
-    with pytest.raises(SettingsError, match=r"pruning.prune_flops_fraction must be in \(0, 1\)"):
+    with pytest.raises(SettingsError, match=r"personalisation.prune_flops_fraction must be in \(0, 1\)"):
         PruningConfig(prune_flops_fraction=level)
 
 
@@ -144,12 +144,16 @@ def test_bad_settings_and_data_give_one_line(tiny_model):
     x, y = make_user(n=16, seed=9)
     with pytest.raises(SettingsError, match="would remove every channel of layer"):
         prune_agnostic(tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_flops_fraction=0.99))
-    with pytest.raises(SettingsError, match=r"pruning.prune_flops_fraction must be in \(0, 1\)"):
+    with pytest.raises(
+        SettingsError, match=r"personalisation.prune_levels must be a list of shares in \(0, 1\)"
+    ):
         prune_sweep(tiny_model, x, y, config=FAST, levels=(0.5, 1.0))
-    with pytest.raises(SettingsError, match="pruning.importance must be"):
-        PruningConfig(importance="random")
+    with pytest.raises(SettingsError, match="personalisation.prune_importance must be"):
+        PruningConfig(prune_importance="random")
     with pytest.raises(SettingsError, match="finetune_epochs"):
-        prune_data(tiny_model, x, y, config=FAST, pruning=PruningConfig(importance="finetuned_magnitude"))
+        prune_data(
+            tiny_model, x, y, config=FAST, pruning=PruningConfig(prune_importance="finetuned_magnitude")
+        )
     custom = make_tiny_model()
     custom.spec = type(custom.spec)(backbone="my_vit")
     with pytest.raises(SettingsError, match="backbone 'my_vit' cannot be pruned"):
@@ -158,6 +162,6 @@ def test_bad_settings_and_data_give_one_line(tiny_model):
         prune_data(tiny_model, x[:0], y[:0], config=FAST)
     nothing_labelled = torch.zeros(len(x), dtype=torch.bool)
     with pytest.raises(UserDataError, match="no labelled images"):
-        prune_data(tiny_model, x, y, nothing_labelled, FAST, PruningConfig(pseudo_labels=False))
+        prune_data(tiny_model, x, y, nothing_labelled, FAST, PruningConfig(prune_pseudo_labels=False))
     for error in (SettingsError, UserDataError):
         assert issubclass(error, ValueError)

@@ -247,7 +247,7 @@ def test_load_run_round_trips_the_tables(tmp_path):
 
 def test_no_failures_still_writes_failures_csv_with_header(tmp_path):
     write_run_report(tmp_path, make_per_user(), make_thresholds(), make_sweep(), None, META)
-    assert (tmp_path / "failures.csv").read_text().strip() == "user,init,kind,error"
+    assert (tmp_path / "failures.csv").read_text().strip() == "user,init,method,kind,error"
     assert "No user failed." in (tmp_path / "report.md").read_text()
 
 

@@ -32,13 +32,13 @@ TINY = [
 ]
 
 
-def run_cli(args, env, check=True, cwd=None):
+def run_cli(args, env, check=True, cwd=None, timeout=600):
     result = subprocess.run(
         [sys.executable, "-m", "fedexits.simulate", *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         cwd=cwd,
     )
     if check and result.returncode != 0:

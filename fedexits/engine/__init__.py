@@ -25,7 +25,7 @@ from .inference import (
     fixed_exit_inference,
     fold_batchnorm,
 )
-from .latency import RUNTIMES, LatencySettings, profile_exit_latency
+from .latency import RUNTIMES, LatencySettings, network_latency_ms, profile_exit_latency
 from .lifecycle import DayOutcome, DayRecord, Lifecycle, day_features, run_day
 from .lifecycle_config import POLICIES, LifecycleConfig
 from .lifecycle_run import LifecycleResult, accuracy_vs_samples, average_exits, run_lifecycle
@@ -45,9 +45,13 @@ from .personalise import (
 )
 from .profiling import confidence_profile, latency_costs, measure_latency, peak_memory_mb
 from .pruning import (
+    PRUNE_LEVELS,
     PRUNING_METHODS,
     PruningConfig,
     PruningResult,
+    channel_shares,
+    check_prunable,
+    evaluate_networks,
     evaluate_pruned,
     final_network,
     prune_agnostic,
@@ -68,11 +72,12 @@ __all__ = [
     "sdn_exit_weights", "sdn_loss", "METHODS",
     "PRESETS", "PersonalisationConfig", "PersonalisationResult", "finetune_final",
     "finetune_full", "no_personalisation", "personalise", "PRUNING_METHODS", "PruningConfig",
-    "PruningResult", "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
+    "PruningResult", "PRUNE_LEVELS", "channel_shares", "check_prunable", "evaluate_networks",
+    "evaluate_pruned", "final_network", "prune_agnostic", "prune_data",
     "prune_sweep", "OutOfFoldConfig", "OutOfFoldResult", "personalise_out_of_fold",
     "confidence_profile", "latency_costs",
     "measure_latency", "peak_memory_mb", "TRAIN_PRESETS", "TrainConfig", "train_global",
     "ExportSettings", "export_onnx", "export_user", "read_manifest", "RUNTIMES",
-    "LatencySettings", "profile_exit_latency", "OnnxEarlyExit", "SavedExits", "apply_exits",
-    "exits_file", "load_exits", "save_exits", "module_device", "resolve_device",
+    "LatencySettings", "network_latency_ms", "profile_exit_latency", "OnnxEarlyExit", "SavedExits",
+    "apply_exits", "exits_file", "load_exits", "save_exits", "module_device", "resolve_device",
 ]  # fmt: skip

@@ -7,18 +7,24 @@ cost follows the FLOPs. So latency is measured in ONNX Runtime by default.
 
 from __future__ import annotations
 
+import copy
+import functools
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import onnxruntime as ort
 import pandas as pd
 import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from ..errors import check_settings
-from .export import export_onnx
+from .export import INPUT, export_graph, export_onnx
 from .inference import fold_batchnorm
-from .onnx_runtime import DEFAULT_PROVIDERS, OnnxEarlyExit
-from .profiling import LATENCY_BATCH_SIZES, LATENCY_REPEATS, measure_latency
+from .onnx_runtime import DEFAULT_PROVIDERS, OnnxEarlyExit, check_providers, session_options
+from .profiling import LATENCY_BATCH_SIZES, LATENCY_REPEATS, interleaved_medians_ms, measure_latency
 
 RUNTIMES = ("onnxruntime", "eager")
 
@@ -74,3 +80,31 @@ def profile_exit_latency(model, settings: LatencySettings | None = None, **overr
             table = runner.measure_latency(settings.batch_sizes, settings.repeats)
     table["runtime"] = settings.runtime
     return table
+
+
+@torch.no_grad()
+def network_latency_ms(
+    networks: Sequence[nn.Module], input_shape: Sequence[int], settings: LatencySettings | None = None
+) -> list[float]:
+    """Batch-1 latency (ms) of plain networks (one input, one output; e.g. a pruned network),
+    in the runtime of `settings` and timed round-robin, so their ratios hold on a busy machine."""
+    settings = settings or LatencySettings()
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    deployed = [copy.deepcopy(n).cpu().eval() for n in networks]  # timed on the CPU, like the profile
+    deployed = [fuse(n, inplace=True) for n in deployed] if settings.fold_bn else deployed
+    if settings.runtime == "eager":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(settings.threads)
+        try:
+            return interleaved_medians_ms([functools.partial(n, x) for n in deployed], settings.repeats)
+        finally:
+            torch.set_num_threads(threads)
+    options, providers = session_options(settings.threads), check_providers(settings.providers)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fedexits-latency-") as tmp:
+        for k, network in enumerate(deployed):
+            path = Path(tmp) / f"network_{k}.onnx"
+            export_graph(network, torch.zeros(2, *input_shape), path)
+            session = ort.InferenceSession(str(path), options, providers=providers)
+            runs.append(functools.partial(session.run, None, {INPUT: x.numpy()}))
+    return interleaved_medians_ms(runs, settings.repeats)

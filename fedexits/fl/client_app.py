@@ -4,7 +4,8 @@
 - train: one round of federated exit training on this user's data (global population).
 - evaluate.exits (`EVALUATE_EXITS`): federated evaluation of the exits on a global user kept out of
   training.
-- evaluate: the paper's protocol for a held-out user: evaluate, personalise, calibrate, report.
+- evaluate: the protocol of the message's method (exits, a baseline, a pruning method) for a
+  held-out user: evaluate, personalise, calibrate, report.
 
 A user whose data cannot work (UserDataError) gets a USER_ERROR reply with one line; any other
 exception is a bug: Flower logs its traceback and the server fails the run.
@@ -89,13 +90,13 @@ def evaluate_exits(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def personalise_user(msg: Message, context: Context) -> Message:
-    """Evaluate every exit, personalise them, calibrate the threshold, reply with the record."""
+    """Evaluate every exit, personalise with the message's method, calibrate, reply with the record."""
     config = msg.content["config"]
     worker = _worker(config)
     user = worker.users[_partition(context)]
     try:
         record = worker.personalise_user(
-            user, msg.content["arrays"].to_torch_state_dict(), str(config["init"])
+            user, msg.content["arrays"].to_torch_state_dict(), str(config["init"]), str(config["method"])
         )
     except UserDataError as exc:
         return _user_error(msg, user, exc)

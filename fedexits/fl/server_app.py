@@ -1,5 +1,6 @@
 """ServerApp: waits for every virtual client, maps nodes to users, initialises the exits (global,
-federated or scratch), sends each sampled held-out user its exits and collects the records.
+federated or scratch), sends each sampled held-out user its exits and the method to run (the
+run's method under every init, then each baseline under the first), and collects the records.
 
 `make_server_app(prepared, sink, stopped)` is what `fedexits.simulate` runs (the plan is passed in:
 `context.run_config` is empty under the simulation engine); the module-level `app` is the entry
@@ -118,14 +119,15 @@ def reply_reason(reason: str) -> str:
     return one_line(reason.strip().strip("'>")) if reason.strip() else "unknown error"
 
 
-def to_record(init: str, user: str, reply: Message) -> UserRecord:
+def to_record(init: str, method: str, user: str, reply: Message) -> UserRecord:
     if not reply.has_error():
         return UserRecord.from_json(str(reply.content["result"]["record"]))
     code, reason = reply.error.code, reply.error.reason
     if code == USER_ERROR:
-        return UserRecord(user, init, failure=Failure("user", reason))
+        return UserRecord(user, init, failure=Failure("user", reason), method=method)
     kind = "bug" if code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION else "backend"
-    return UserRecord(user, init, failure=Failure(kind, f"user {user}: {reply_reason(reason)}"))
+    failure = Failure(kind, f"user {user}: {reply_reason(reason)}")
+    return UserRecord(user, init, failure=failure, method=method)
 
 
 def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int], evaluate_fn=None):
@@ -216,7 +218,8 @@ def _accuracies(record) -> dict:
 
 
 def run_study(grid: Grid, prepared: Prepared, stopped: threading.Event | None = None) -> RunOutcome:
-    """All inits on the same sampled held-out users (`prepared.users[p]` is partition p's user)."""
+    """Every (init, method) of the plan on the same sampled held-out users (`prepared.users[p]`
+    is partition p's user): the method under every init, the baselines under the first."""
     stopped = stopped or threading.Event()
     plan, users = prepared.plan, prepared.users
     sim = plan.settings.simulation
@@ -226,13 +229,15 @@ def run_study(grid: Grid, prepared: Prepared, stopped: threading.Event | None = 
     plan_json = plan.to_json()
     outcome = RunOutcome(records=[])
     started = time.perf_counter()
-    for init in plan.settings.init.inits:
-        if init == "federated":
-            exits, outcome.federated = federated_exits(grid, prepared, node_of)
-        else:
-            exits = initial_exits(plan, init)
-        arrays = ArrayRecord(exits)
-        config = ConfigRecord({"init": init, "plan": plan_json})
+    exits_of: dict[str, dict] = {}
+    for init, method in plan.jobs():
+        if init not in exits_of:
+            if init == "federated":
+                exits_of[init], outcome.federated = federated_exits(grid, prepared, node_of)
+            else:
+                exits_of[init] = initial_exits(plan, init)
+        arrays = ArrayRecord(exits_of[init])
+        config = ConfigRecord({"init": init, "method": method, "plan": plan_json})
         messages = [
             Message(
                 RecordDict({"arrays": arrays, "config": config}),
@@ -242,22 +247,27 @@ def run_study(grid: Grid, prepared: Prepared, stopped: threading.Event | None = 
             for p in chosen
         ]
         replies, missing, unsent = send_and_collect(
-            grid, messages, f"personalising ({init})", stopped, sim.max_in_flight, sim.timeout_s
+            grid, messages, f"personalising ({init}, {method})", stopped, sim.max_in_flight, sim.timeout_s
         )
-        outcome.records += [to_record(init, users[partition_of[r.metadata.src_node_id]], r) for r in replies]
+        outcome.records += [
+            to_record(init, method, users[partition_of[r.metadata.src_node_id]], r) for r in replies
+        ]
         for messages_left, reason in (
             (missing, f"no reply within simulation.timeout_s={sim.timeout_s:g} s"),
             (unsent, f"not run: simulation.timeout_s={sim.timeout_s:g} s passed before its turn"),
         ):
             outcome.records += [
                 UserRecord(
-                    users[partition_of[m.metadata.dst_node_id]], init, failure=Failure("timeout", reason)
+                    users[partition_of[m.metadata.dst_node_id]],
+                    init,
+                    failure=Failure("timeout", reason),
+                    method=method,
                 )
                 for m in messages_left
             ]
     outcome.timings["simulation_s"] = time.perf_counter() - started
-    inits = plan.settings.init.inits
-    outcome.records.sort(key=lambda r: (inits.index(r.init), r.user))
+    jobs = plan.jobs()
+    outcome.records.sort(key=lambda r: (jobs.index((r.init, r.method)), r.user))
     return outcome
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import pandas as pd
 
 from fedexits.report.promise import promise_lines
-from fedexits.report.schema import exit_label
+from fedexits.report.schema import exit_label, ordered_methods
 
 MISSING = "n/a"
 _MAX_CELL = 120
@@ -100,7 +100,7 @@ def _name_of(value) -> str:
 
 
 EXIT_COLUMNS = {
-    "init": "init", "exit_name": "exit", "mflops": "MFLOPs", "params": "params",
+    "init": "init", "method": "method", "exit_name": "exit", "mflops": "MFLOPs", "params": "params",
     "latency_ms": "latency (ms)", "n_users": "users", "accuracy_before_mean": "before (mean)",
     "accuracy_before_median": "before (median)", "accuracy_after_mean": "after (mean)",
     "accuracy_after_median": "after (median)", "gain_pp_mean": "gain (pp)",
@@ -115,7 +115,7 @@ EXIT_FORMATS = {
     "share_guard_fired": percent,
 }  # fmt: skip
 THRESHOLD_COLUMNS = {
-    "init": "init", "n_users": "users", "threshold_mean": "threshold (mean)",
+    "init": "init", "method": "method", "n_users": "users", "threshold_mean": "threshold (mean)",
     "threshold_median": "threshold (median)", "accuracy_mean": "accuracy at threshold",
     "final_accuracy_mean": "final-exit accuracy", "accuracy_drop_pp_mean": "drop (pp)",
     "speedup_mean": "speedup (mean)", "speedup_median": "speedup (median)",
@@ -129,7 +129,7 @@ THRESHOLD_FORMATS = {
     "expected_mflops_mean": number, "expected_latency_ms_mean": number,
 }  # fmt: skip
 HEADLINE_COLUMNS = {
-    "init": "init", "users_ok": "users ok", "users_failed": "users failed",
+    "init": "init", "method": "method", "users_ok": "users ok", "users_failed": "users failed",
     "early_exit_accuracy_before_mean": "early exits before", "early_exit_accuracy_after_mean":
     "early exits after", "early_exit_gain_pp_mean": "gain (pp)", "mean_threshold": "threshold",
     "mean_accuracy_at_threshold": "accuracy at threshold", "mean_final_accuracy":
@@ -145,8 +145,14 @@ HEADLINE_FORMATS = {
 
 
 def _headline_frame(summary: Mapping) -> pd.DataFrame:
-    rows = [{"init": init, **values} for init, values in summary.get("inits", {}).items()]
-    return pd.DataFrame(rows)
+    from fedexits.report.tables import summary_runs
+
+    return pd.DataFrame(summary_runs(dict(summary)))
+
+
+def _without_single_method(columns: Mapping[str, str], methods: list[str]) -> dict[str, str]:
+    """A run with one method keeps its tables as they were: no method column."""
+    return dict(columns) if len(methods) > 1 else {k: v for k, v in columns.items() if k != "method"}
 
 
 def _latency_sentence(latency: Mapping | None) -> str:
@@ -170,15 +176,17 @@ def _status_line(status: Mapping) -> str:
     return f"Run status: **failed**: {reason}. The numbers below cover the users that finished."
 
 
-def _failures_section(failures: pd.DataFrame | None) -> list[str]:
+def _failures_section(failures: pd.DataFrame | None, methods: list[str]) -> list[str]:
     if failures is None or failures.empty:
         return ["No user failed."]
-    lines = [f"{len(failures)} user run(s) (user x init) failed:", ""]
+    several = len(methods) > 1
+    lines = [f"{len(failures)} user run(s) (user x init{' x method' if several else ''}) failed:", ""]
     for record in failures.to_dict("records"):
         error = cell(record.get("error")) if not is_missing(record.get("error")) else "(no error)"
         kind = record.get("kind")
         kind = "" if is_missing(kind) else f" ({kind})"
-        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`{kind}: {error}")
+        method = f", method `{record.get('method')}`" if several else ""
+        lines.append(f"- user `{record.get('user')}`, init `{record.get('init')}`{method}{kind}: {error}")
     return lines
 
 
@@ -190,10 +198,12 @@ def render_run_report(
     figures: Mapping[str, str],
     data_files: list[str],
     sections: list[str] = (),
+    comparison: Mapping | None = None,
 ) -> str:
     """The text of report.md. `figures` maps a caption to a PNG path relative to the report;
     `exits` and `thresholds` are the outputs of exit_table and threshold_table; `sections` are
-    further lines (e.g. the federated training) placed after the thresholds."""
+    further lines (e.g. the federated training) placed after the thresholds; `comparison` that of
+    `report.methods.methods_comparison` (with the name of its figure), or None."""
     meta = dict(summary.get("meta") or {})
     tolerance = summary.get("drop_tolerance_pp")
     users = summary.get("users", {})
@@ -201,6 +211,9 @@ def render_run_report(
     skip = ("timings.", "status.", "global_training.epoch_loss", "federated_history", "budget")
     setup = {key: value for key, value in flatten(meta).items() if not key.startswith(skip)}
     exits = exits.assign(exit_name=[exit_label(e, f) for e, f in zip(exits["exit"], _final_exits(exits))])
+    from fedexits.report.methods_markdown import PER_EXIT_METHODS_NOTE, methods_section
+
+    methods = ordered_methods(set(thresholds.get("method", [])) | set(exits.get("method", [])))
     lines = [
         f"# fedexits run report: {_name_of(meta.get('dataset'))} / {_name_of(meta.get('model'))}",
         "",
@@ -237,7 +250,9 @@ def render_run_report(
             "at each user's chosen threshold, relative to always running the final classifier."
         ),
         "",
-        markdown_table(_headline_frame(summary), HEADLINE_COLUMNS, HEADLINE_FORMATS),
+        markdown_table(
+            _headline_frame(summary), _without_single_method(HEADLINE_COLUMNS, methods), HEADLINE_FORMATS
+        ),
         "",
         "## Per-exit accuracy",
         "",
@@ -246,21 +261,23 @@ def render_run_report(
             "same user's accuracy before personalisation. Guard fired: share of users whose "
             "personalised exits were rejected on their validation split (global exits kept). The "
             "final exit is unchanged by construction."
+            + (PER_EXIT_METHODS_NOTE if len(methods) > 1 or comparison else "")
         ),
         "",
-        markdown_table(exits, EXIT_COLUMNS, EXIT_FORMATS),
+        markdown_table(exits, _without_single_method(EXIT_COLUMNS, methods), EXIT_FORMATS),
         "",
         "## Thresholds",
         "",
-        markdown_table(thresholds, THRESHOLD_COLUMNS, THRESHOLD_FORMATS),
+        markdown_table(thresholds, _without_single_method(THRESHOLD_COLUMNS, methods), THRESHOLD_FORMATS),
         "",
         *sections,
+        *(methods_section(comparison) if comparison else []),
         "## Figures",
         "",
     ]
     for caption, relative_path in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({relative_path})", ""]
-    lines += ["## Failures", "", *_failures_section(failures), "", "## Times", ""]
+    lines += ["## Failures", "", *_failures_section(failures, methods), "", "## Times", ""]
     times = summary.get("times") or {}
     time_rows = pd.DataFrame({"step": list(times), "seconds": list(times.values())})
     lines += [markdown_table(time_rows, formats={"seconds": lambda v: number(v, 1)}), ""]
@@ -271,4 +288,5 @@ def render_run_report(
 def _final_exits(exits: pd.DataFrame) -> pd.Series:
     if exits.empty:
         return pd.Series(dtype=int)
-    return exits.groupby("init")["exit"].transform("max")
+    keys = [key for key in ("init", "method") if key in exits.columns]
+    return exits.groupby(keys)["exit"].transform("max")

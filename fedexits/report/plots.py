@@ -17,7 +17,14 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, PercentFormatter
 
 from fedexits.report.files import atomic_save_figure
-from fedexits.report.schema import STAGE_AFTER, STAGE_BEFORE, exit_label, ordered_inits
+from fedexits.report.schema import (
+    STAGE_AFTER,
+    STAGE_BEFORE,
+    exit_label,
+    ordered_inits,
+    ordered_methods,
+    with_method,
+)
 
 CDF_PNG = "accuracy_cdf.png"
 COST_PNG = "accuracy_vs_cost.png"
@@ -51,6 +58,23 @@ def _init_colour(init: str, position: int) -> str:
     return INIT_COLOURS.get(init, f"C{(position + 3) % 10}")
 
 
+def _with_series(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str]:
+    """The frame with a `series` column (one line colour each), the series in order, and their
+    legend prefix: the init when the run has one method (the figures as they always were), the
+    method when it has one init, else "init, method"."""
+    frame = with_method(frame)
+    frame = frame.assign(init=frame["init"].astype(str))
+    inits, methods = ordered_inits(frame["init"]), ordered_methods(frame["method"])
+    if len(methods) == 1:
+        return frame.assign(series=frame["init"]), inits, "init: "
+    if len(inits) == 1:
+        return frame.assign(series=frame["method"]), methods, "method: "
+    series = frame["init"] + ", " + frame["method"]
+    present = set(series)
+    order = [f"{i}, {m}" for i in inits for m in methods if f"{i}, {m}" in present]
+    return frame.assign(series=series), order, ""
+
+
 def _ecdf(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Step coordinates of the empirical CDF over [0, 1], starting at 0 and ending at 1."""
     ordered = np.sort(values.dropna().to_numpy(dtype=float))
@@ -65,8 +89,8 @@ def plot_accuracy_cdf(per_user: pd.DataFrame, path: Path) -> Path:
     path = Path(path)
     if per_user is None or per_user.empty:
         return _no_data(path, "Per-user accuracy CDF")
-    frame = per_user.assign(init=per_user["init"].astype(str), exit=per_user["exit"].astype(int))
-    inits = ordered_inits(frame["init"])
+    frame, inits, prefix = _with_series(per_user)
+    frame = frame.assign(exit=frame["exit"].astype(int))
     exits = sorted(frame["exit"].unique())
     final_exit = int(frame["exit"].max())
     columns = min(4, len(exits))
@@ -79,7 +103,7 @@ def plot_accuracy_cdf(per_user: pd.DataFrame, path: Path) -> Path:
         rows_of_exit = frame[frame["exit"] == exit_index]
         for position, init in enumerate(inits):
             for stage, style in STAGE_STYLES.items():
-                group = rows_of_exit[(rows_of_exit["init"] == init) & (rows_of_exit["stage"] == stage)]
+                group = rows_of_exit[(rows_of_exit["series"] == init) & (rows_of_exit["stage"] == stage)]
                 if group.empty:
                     continue
                 x, y = _ecdf(group.groupby("user")["accuracy"].mean())
@@ -100,7 +124,7 @@ def plot_accuracy_cdf(per_user: pd.DataFrame, path: Path) -> Path:
         axes.set_xlabel("per-user accuracy")
     n_users = frame["user"].nunique()
     handles = [
-        Line2D([], [], color=_init_colour(init, p), label=f"init: {init}") for p, init in enumerate(inits)
+        Line2D([], [], color=_init_colour(init, p), label=f"{prefix}{init}") for p, init in enumerate(inits)
     ]
     handles += [
         Line2D([], [], color="grey", linestyle=STAGE_STYLES[s], label=STAGE_NAMES[s])
@@ -117,13 +141,13 @@ def plot_accuracy_vs_cost(per_user: pd.DataFrame, path: Path) -> Path:
     path = Path(path)
     if per_user is None or per_user.empty:
         return _no_data(path, "Accuracy vs cost per exit")
-    frame = per_user.assign(init=per_user["init"].astype(str))
-    means = frame.groupby(["init", "stage", "exit"])[["accuracy", "mflops", "params"]].mean()
+    frame, series, prefix = _with_series(per_user)
+    means = frame.groupby(["series", "stage", "exit"])[["accuracy", "mflops", "params"]].mean()
     means = means.reset_index()
     figure, (flops_axes, params_axes) = _figure(2, panel_width=5.2, height=4.2)
-    for position, init in enumerate(ordered_inits(means["init"])):
+    for position, init in enumerate(series):
         for stage, style in STAGE_STYLES.items():
-            line = means[(means["init"] == init) & (means["stage"] == stage)].sort_values("exit")
+            line = means[(means["series"] == init) & (means["stage"] == stage)].sort_values("exit")
             if line.empty:
                 continue
             for axes, cost in ((flops_axes, "mflops"), (params_axes, "params")):
@@ -133,7 +157,7 @@ def plot_accuracy_vs_cost(per_user: pd.DataFrame, path: Path) -> Path:
                     linestyle=style,
                     marker="o",
                     color=_init_colour(init, position),
-                    label=f"{init}, {STAGE_NAMES[stage]}",
+                    label=f"{prefix}{init}, {STAGE_NAMES[stage]}",
                 )
     # Label each exit once, next to its highest point (costs are the same for every init).
     final_exit = int(means["exit"].max())
@@ -160,36 +184,53 @@ def plot_accuracy_vs_cost(per_user: pd.DataFrame, path: Path) -> Path:
     return atomic_save_figure(figure, path)
 
 
-def plot_accuracy_vs_latency(sweep: pd.DataFrame, per_user: pd.DataFrame, path: Path) -> Path:
+def plot_accuracy_vs_latency(
+    sweep: pd.DataFrame, per_user: pd.DataFrame, path: Path, prune_sweep: pd.DataFrame | None = None
+) -> Path:
     """Fig. 7: mean accuracy against mean expected latency per sample as the exit threshold goes
     from 0 (everything leaves at the first exit) to 1 (everything runs to the final classifier),
-    one line per init; stars mark running the final exit only."""
+    one line per run (init, or method); stars mark running the final exit only. Pruning methods
+    (`prune_sweep`) add their curve over pruning levels (squares, dashed)."""
     path = Path(path)
-    if sweep is None or sweep.empty:
+    if (sweep is None or sweep.empty) and (prune_sweep is None or prune_sweep.empty):
         return _no_data(path, "Accuracy vs latency over thresholds")
-    use_latency = "expected_latency_ms" in sweep and sweep["expected_latency_ms"].notna().any()
+    use_latency = _has_latency(sweep, "expected_latency_ms") and _has_latency(prune_sweep, "latency_ms")
     x_column = "expected_latency_ms" if use_latency else "expected_mflops"
     x_label = "mean latency per sample (ms)" if use_latency else "mean MFLOPs per sample"
-    frame = sweep.assign(init=sweep["init"].astype(str))
-    means = frame.groupby(["init", "threshold"])[["accuracy", x_column]].mean().reset_index()
     figure, (axes,) = _figure(1, panel_width=6.5, height=4.5)
-    inits = ordered_inits(means["init"])
-    for position, init in enumerate(inits):
-        line = means[means["init"] == init].sort_values("threshold")
-        colour = _init_colour(init, position)
-        axes.plot(line[x_column], line["accuracy"], marker=".", color=colour, label=f"init: {init}")
-        for threshold in ANNOTATED_THRESHOLDS:
-            point = line[np.isclose(line["threshold"], threshold)]
-            if not point.empty:
-                axes.annotate(
-                    f"t={threshold:g}",
-                    (point[x_column].iloc[0], point["accuracy"].iloc[0]),
-                    textcoords="offset points",
-                    xytext=(5, -10),
-                    fontsize=7,
-                    color=colour,
-                )
-    _mark_final_exit(axes, per_user, inits, "latency_ms" if use_latency else "mflops")
+    inits = []
+    if sweep is not None and not sweep.empty:
+        frame, inits, prefix = _with_series(sweep)
+        means = frame.groupby(["series", "threshold"])[["accuracy", x_column]].mean().reset_index()
+        for position, init in enumerate(inits):
+            line = means[means["series"] == init].sort_values("threshold")
+            colour = _init_colour(init, position)
+            axes.plot(line[x_column], line["accuracy"], marker=".", color=colour, label=f"{prefix}{init}")
+            for threshold in ANNOTATED_THRESHOLDS:
+                point = line[np.isclose(line["threshold"], threshold)]
+                if not point.empty:
+                    axes.annotate(
+                        f"t={threshold:g}",
+                        (point[x_column].iloc[0], point["accuracy"].iloc[0]),
+                        textcoords="offset points",
+                        xytext=(5, -10),
+                        fontsize=7,
+                        color=colour,
+                    )
+        _mark_final_exit(axes, per_user, inits, "latency_ms" if use_latency else "mflops")
+    if prune_sweep is not None and not prune_sweep.empty:
+        cost = "latency_ms" if use_latency else "mflops"
+        frame = with_method(prune_sweep)
+        for position, ((init, method), rows) in enumerate(frame.groupby(["init", "method"])):
+            line = rows.groupby("level")[["accuracy", cost]].mean().reset_index()
+            label = method if frame["init"].nunique() == 1 else f"{init}, {method}"
+            colour = f"C{(position + 6) % 10}"
+            axes.plot(line[cost], line["accuracy"], marker="s", linestyle="--", color=colour,
+                      label=f"{label} (pruning levels)")  # fmt: skip
+            for _, point in line.iterrows():
+                xy = (point[cost], point["accuracy"])
+                text = f"-{point['level']:.0%}"
+                axes.annotate(text, xy, textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
     axes.margins(x=0.08)  # room for the threshold labels at both ends
     axes.set_xlabel(x_label)
     axes.set_ylabel("mean accuracy over users")
@@ -200,15 +241,24 @@ def plot_accuracy_vs_latency(sweep: pd.DataFrame, per_user: pd.DataFrame, path: 
     return atomic_save_figure(figure, path)
 
 
-def _mark_final_exit(axes, per_user: pd.DataFrame | None, inits: list[str], cost: str) -> None:
-    """A star per init at the final classifier's mean accuracy and cost (no early exiting)."""
+def _has_latency(frame: pd.DataFrame | None, column: str) -> bool:
+    """True unless the frame has rows but no latency (an absent frame does not count)."""
+    if frame is None or frame.empty:
+        return True
+    return column in frame and bool(frame[column].notna().any())
+
+
+def _mark_final_exit(axes, per_user: pd.DataFrame | None, series: list[str], cost: str) -> None:
+    """A star per line at the final classifier's mean accuracy and cost after personalisation
+    (no early exiting)."""
     if per_user is None or per_user.empty or cost not in per_user.columns:
         return
-    frame = per_user.assign(init=per_user["init"].astype(str))
-    final = frame[frame["exit"] == frame.groupby("init")["exit"].transform("max")]
-    points = final.groupby("init")[["accuracy", cost]].mean()
+    frame, _, _ = _with_series(per_user)
+    frame = frame[frame["stage"] == STAGE_AFTER]
+    final = frame[frame["exit"] == frame.groupby("series")["exit"].transform("max")]
+    points = final.groupby("series")[["accuracy", cost]].mean()
     labelled = False
-    for position, init in enumerate(inits):
+    for position, init in enumerate(series):
         if init in points.index and pd.notna(points.loc[init, cost]):
             axes.plot(
                 points.loc[init, cost],

@@ -46,6 +46,13 @@ class UserResult:
     sweep_latency_ms: list[float] = field(default_factory=list)
     n_calibration: int = 0  # samples the threshold was chosen on
     calibration_p_value: float = float("nan")  # rule "ltt": p-value of "drop > tolerance" there
+    # Pruning methods replace the network: its measured cost (the final exit's row of the
+    # personalised stage), and one point per pruning level of the user's accuracy/cost curve
+    # (level, flops_removed, channel_ratio, accuracy, mflops, params, latency_ms, personalise_s).
+    network_mflops: float = float("nan")
+    network_params: float = float("nan")
+    network_latency_ms: float = float("nan")
+    prune_sweep: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -60,13 +67,15 @@ class Failure:
 
 @dataclass
 class UserRecord:
-    """One user under one exit initialisation: a result, or the reason there is none."""
+    """One user under one exit initialisation and personalisation method: a result, or the
+    reason there is none."""
 
     user: str
     init: str
     result: UserResult | None = None
     failure: Failure | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "only 120 images: held out 50% for test"
+    method: str = "exits"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,4 +85,5 @@ class UserRecord:
         data = json.loads(text)
         result = UserResult(**data["result"]) if data.get("result") else None
         failure = Failure(**data["failure"]) if data.get("failure") else None
-        return cls(data["user"], data["init"], result, failure, list(data.get("notes") or []))
+        notes = list(data.get("notes") or [])
+        return cls(data["user"], data["init"], result, failure, notes, data.get("method", "exits"))

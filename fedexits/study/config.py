@@ -25,6 +25,7 @@ from ..engine.device import check_device_name
 from ..engine.latency import LatencySettings
 from ..engine.lifecycle_config import LifecycleConfig, check_buffer
 from ..engine.personalise import METHODS, PRESETS, PersonalisationConfig
+from ..engine.pruning import PRUNABLE_BACKBONES, PRUNING_METHODS, PruningConfig, check_finetune_budget
 from ..engine.train import TRAIN_PRESETS, TrainConfig
 from ..errors import SettingsError, UserDataError, check_settings, config_error_line
 from ..models import MODEL_PRESETS, ModelConfig
@@ -32,25 +33,45 @@ from ..models import MODEL_PRESETS, ModelConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 INITS = ("global", "federated", "scratch")
 MODES = ("protocol", "lifecycle")  # one-shot personalisation, or users living through days
+ALL_METHODS = (*METHODS, *PRUNING_METHODS)  # exits, final, full, none, prune_data, prune_agnostic
 
 
 @dataclass
-class PersonalisationSettings(PersonalisationConfig):
-    """The engine's exit personalisation settings, plus how the study applies them to users."""
+class PersonalisationSettings(PruningConfig, PersonalisationConfig):
+    """The engine's personalisation settings (exits, and the pruning methods' `prune_*`), plus
+    which methods the study runs on its users.
 
-    method: str = "exits"  # exits, or the baselines final | full | none
+    `method` runs for every init of `init.inits`; each of `baselines` runs once more on the same
+    users (with the first init) for comparison, in the same run."""
+
+    method: str = "exits"  # one of engine.METHODS or engine.PRUNING_METHODS
+    baselines: list[str] = field(default_factory=list)  # other methods, compared on the same users
     label_fraction: float = 1.0  # share of each user's personalisation images that carry labels
 
     def __post_init__(self):
-        super().__post_init__()
+        PersonalisationConfig.__post_init__(self)
+        PruningConfig.__post_init__(self)
+        self.baselines = list(self.baselines)
+        names = ", ".join(ALL_METHODS)
         check_settings(
             "personalisation",
             self,
             [
-                ("method", self.method in METHODS, "one of " + ", ".join(METHODS)),
+                ("method", self.method in ALL_METHODS, "one of " + names),
+                ("baselines", set(self.baselines) <= set(ALL_METHODS), "a list from " + names),
+                ("baselines", len(set(self.baselines)) == len(self.baselines), "a list without repeats"),
+                ("baselines", self.method not in self.baselines, f"other than the method ({self.method})"),
                 ("label_fraction", 0 <= self.label_fraction <= 1, "in [0, 1]"),
             ],
         )
+        if "prune_data" in self.methods and self.prune_importance == "finetuned_magnitude":
+            retrain_epochs = self.epochs if self.prune_retrain_epochs is None else self.prune_retrain_epochs
+            check_finetune_budget(self.prune_finetune_epochs, retrain_epochs)
+
+    @property
+    def methods(self) -> list[str]:
+        """The method, then the baselines."""
+        return [self.method, *self.baselines]
 
     def for_user(self, seed: int) -> PersonalisationConfig:
         """The engine's settings for one user (its own seed)."""
@@ -262,7 +283,7 @@ class StudyConfig:
         check_device_name(self.device)
         self.dataset = parse_config(self.dataset)
         p = self.personalisation
-        if p.method == "exits":  # a loss that is zero for every user fails the run, not each user
+        if "exits" in p.methods:  # a loss that is zero for every user fails the run, not each user
             try:
                 p.loss_weights().check_active(int(p.label_fraction > 0), int(p.label_fraction < 1))
             except UserDataError:
@@ -271,6 +292,17 @@ class StudyConfig:
                     f"alpha={p.alpha} weighs labelled samples, gamma={p.gamma} unlabelled ones, "
                     f"beta={p.beta} all"
                 ) from None
+        pruning = set(p.methods) & set(PRUNING_METHODS)
+        if pruning and self.model.backbone not in PRUNABLE_BACKBONES:
+            raise SettingsError(
+                f"model.backbone {self.model.backbone!r} cannot be pruned ({sorted(pruning)[0]}): the "
+                "pruner is verified here only for " + ", ".join(PRUNABLE_BACKBONES)
+            )
+        if pruning and p.label_fraction == 0 and not p.prune_pseudo_labels:
+            raise SettingsError(
+                f"{sorted(pruning)[0]} has nothing to retrain on: personalisation.label_fraction=0 and "
+                "personalisation.prune_pseudo_labels=false"
+            )
 
 
 def register_configs() -> None:

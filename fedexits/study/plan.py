@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from ..data import Population
 from ..data.split import stable_seed
 from ..engine.calibration import ExitCosts
+from ..engine.channel_pruning import ChannelShare
 from .config import StudyConfig, settings_from_dict, settings_to_dict
 
 
@@ -39,6 +40,19 @@ class RunPlan:
     architecture: dict  # MultiExitSpec.architecture() of that model
     latency: LatencyProfile | None = None  # measured once for the run; None: each worker measures
     run_dir: str | None = None  # where a run keeps per-user files (simulation.save_exits)
+    # Pruning methods: the shares of the layers' channels removed at each level (str(level) ->
+    # ChannelShare as a dict), computed once for the architecture by `engine.channel_shares`
+    # (which refuses an unreachable level before any user).
+    prune_shares: dict[str, dict] | None = None
+
+    def channel_shares(self) -> dict[float, ChannelShare]:
+        return {float(level): ChannelShare(**share) for level, share in (self.prune_shares or {}).items()}
+
+    def jobs(self) -> list[tuple[str, str]]:
+        """(init, method) pairs the users run: the method under every init, then each baseline
+        under the first init (the baselines are compared with the method on the same users)."""
+        inits, p = self.settings.init.inits, self.settings.personalisation
+        return [(init, p.method) for init in inits] + [(inits[0], method) for method in p.baselines]
 
     def to_json(self) -> str:
         return json.dumps(
@@ -48,6 +62,7 @@ class RunPlan:
                 "architecture": self.architecture,
                 "latency": None if self.latency is None else asdict(self.latency),
                 "run_dir": self.run_dir,
+                "prune_shares": self.prune_shares,
             },
             sort_keys=True,
         )
@@ -57,7 +72,14 @@ class RunPlan:
         data = json.loads(text)
         latency = LatencyProfile(**data["latency"]) if data.get("latency") else None
         settings = settings_from_dict(data["settings"])
-        return cls(settings, data["checkpoint"], data["architecture"], latency, data.get("run_dir"))
+        return cls(
+            settings,
+            data["checkpoint"],
+            data["architecture"],
+            latency,
+            data.get("run_dir"),
+            data.get("prune_shares"),
+        )
 
 
 def partition_users(population: Population, include_global: bool) -> list[str]:

@@ -16,6 +16,7 @@ from ..atomic import atomic_write
 from ..data import build_population
 from ..engine import LatencySettings, latency_costs, load_model, profile_exit_latency, train_global
 from ..engine.device import resolve_device
+from ..engine.pruning import PRUNING_METHODS, channel_shares
 from ..engine.saved_exits import EXITS_DIR
 from ..errors import SettingsError
 from ..models import MultiExitSpec, build_multi_exit, cost_table
@@ -87,6 +88,11 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         )
     path = global_model_path(settings, spec)
     model = build_multi_exit(spec, seed=training.seed)
+    prune_shares = None
+    if set(settings.personalisation.methods) & set(PRUNING_METHODS):  # the architecture's: no training
+        p = settings.personalisation
+        shares = channel_shares(model, p.pruned_levels, p.prune_round_to)  # refuses a bad level
+        prune_shares = {str(level): asdict(share) for level, share in shares.items()}
     trained = time.perf_counter()
     global_set = population.global_train_set()
     history = train_global(
@@ -110,7 +116,12 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         atomic_write(copy, lambda handle: handle.write(path.read_bytes()), "wb")
     return Prepared(
         plan=RunPlan(
-            settings, str(path), spec.architecture(), latency, None if run_dir is None else str(run_dir)
+            settings,
+            str(path),
+            spec.architecture(),
+            latency,
+            None if run_dir is None else str(run_dir),
+            prune_shares,
         ),
         users=partition_users(population, include_global),
         num_held_out=len(population.held_out_users),

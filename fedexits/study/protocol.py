@@ -1,6 +1,12 @@
 """The paper's per-user protocol, in one call: evaluate every exit, personalise, evaluate again,
 calibrate the threshold and measure what it buys. The Flower client and the in-process loop both
-run exactly this (through `fedexits.study.worker`); it also works on its own in a notebook."""
+run exactly this (through `fedexits.study.worker`); it also works on its own in a notebook.
+
+The pruning methods (`run_pruning_user`) follow the same steps where they apply: every exit of
+the shared model before; then the user's pruned and retrained network (which replaces the
+network: no exits, no threshold, no fail-safe) with its measured cost, and the same at every
+level of the pruning sweep (the user's accuracy/cost curve).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ import torch
 
 from ..data.split import stable_seed
 from ..engine.calibration import CalibrationConfig, ExitCosts, apply_calibration, calibrate, sweep
+from ..engine.channel_pruning import ChannelShare
 from ..engine.features import FrozenFeatures
 from ..engine.inference import exit_accuracies, exit_probabilities
+from ..engine.latency import LatencySettings
 from ..engine.out_of_fold import personalise_out_of_fold
 from ..engine.personalise import METHODS, PersonalisationConfig, split_validation
 from ..engine.profiling import peak_memory_mb
+from ..engine.pruning import PruningConfig, evaluate_networks, final_network, prune_sweep
 from ..errors import UserDataError
 from ..report.records import UserResult
 
@@ -103,6 +112,96 @@ def run_user(
         out.expected_latency_ms = float(at_threshold["expected_latency_ms"])
         out.latency_speedup = latency.full / out.expected_latency_ms
         out.sweep_latency_ms = test_sweep["expected_latency_ms"].tolist()
+    return out
+
+
+def run_pruning_user(
+    model,
+    cost_table,
+    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    config: PersonalisationConfig,
+    pruning: PruningConfig | None = None,
+    method: str = "prune_data",
+    latency: ExitCosts | None = None,
+    latency_settings: LatencySettings | None = None,
+    profile_memory: bool = False,
+    shares: dict[float, ChannelShare] | None = None,
+) -> UserResult:
+    """Prune and retrain a copy of `model` for one user (`method`: prune_data or prune_agnostic)
+    at `pruning.prune_flops_fraction` and at every other level of `pruning.prune_levels`; the
+    shared model is not changed.
+
+    The user's network is the one at `prune_flops_fraction`: its test accuracy, its FLOPs and
+    parameters as torch's flop counter measures the pruned model, and its batch-1 latency. The
+    latency is measured in the run's runtime (`latency_settings`) round-robin with the unpruned
+    network, and that ratio scales the run's profile of the full network (`latency`, measured
+    once for the run while no client was running), so it is comparable with the exits'.
+    `personalise_s` and the peak memory are those of pruning and retraining at that one level."""
+    pruning = pruning or PruningConfig()
+    x, y, labelled = train
+    x_test, y_test = test
+    if len(x_test) == 0:
+        raise UserDataError("user has no test images")
+    model.eval()
+    before = exit_accuracies(FrozenFeatures(model, x_test).exit_probabilities(), y_test)
+    levels = pruning.pruned_levels
+
+    def prune(levels_now):
+        return prune_sweep(model, x, y, labelled, config, pruning, method, levels_now, shares)
+
+    if profile_memory:  # the user's level alone (exactly as the device would run it), then the rest
+        results, peak_mb = peak_memory_mb(lambda: prune(levels[:1]))
+        results += prune(levels[1:]) if len(levels) > 1 else []
+    else:
+        results, peak_mb = prune(levels), float("nan")
+    evaluated = evaluate_networks(
+        [r.network for r in results], x_test, y_test, final_network(model), latency_settings
+    )
+    curve = []
+    for result, measured in zip(results, evaluated):
+        placed = latency.full / measured["latency_speedup"] if latency is not None else measured["latency_ms"]
+        curve.append(
+            {
+                "level": result.prune_flops_fraction,
+                "flops_removed": result.flops_removed,
+                "channel_ratio": result.channel_ratio,
+                "accuracy": measured["accuracy"],
+                "mflops": result.mflops,
+                "params": result.params,
+                "latency_ms": placed,
+                "personalise_s": result.seconds,
+            }
+        )
+    chosen, full_mflops = curve[0], float(cost_table["mflops"].iloc[-1])
+    num_exits = model.num_exits
+    out = UserResult(
+        accuracy_before=before,
+        accuracy_after=[float("nan")] * num_exits + [chosen["accuracy"]],  # only the network's end
+        guard_fired=[-1] * num_exits,
+        personalise_s=chosen["personalise_s"],
+        peak_memory_mb=peak_mb,
+        n_train=len(x),
+        n_test=len(x_test),
+        n_labelled=int(labelled.sum()),
+        threshold=float("nan"),  # no exits: every sample runs the whole pruned network
+        active_exits=[0] * num_exits,
+        accuracy_at_threshold=chosen["accuracy"],
+        final_accuracy=chosen["accuracy"],  # the network's only output: no shared fail-safe left
+        expected_mflops=chosen["mflops"],
+        speedup=full_mflops / chosen["mflops"],
+        sweep_threshold=[],
+        sweep_accuracy=[],
+        sweep_mflops=[],
+        network_mflops=chosen["mflops"],
+        network_params=float(chosen["params"]),
+        network_latency_ms=chosen["latency_ms"],
+        prune_sweep=curve,
+    )
+    if latency is not None:
+        out.latency_ms = [b + h for b, h in zip(latency.backbone, latency.heads)]
+        out.expected_latency_ms = chosen["latency_ms"]
+        out.latency_speedup = latency.full / chosen["latency_ms"]
     return out
 
 

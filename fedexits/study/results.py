@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..engine.pruning import PRUNING_METHODS
 from ..report import write_run_report
 from ..report.records import UserRecord
 from ..report.results import build_frames
@@ -64,6 +65,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
     """Every output file of a run into `out_dir`; returns the summary (with its status)."""
     settings = prepared.plan.settings
     frames = build_frames(outcome.records, prepared.cost_table)
+    p = settings.personalisation
     population = {k: v for k, v in prepared.population.items() if k != "settings"}
     meta = {
         "status": run_status(outcome.records, settings.simulation.max_failed_fraction),
@@ -71,7 +73,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         "dataset": population,
         "model": prepared.plan.architecture,
         # each user's seed comes from `seed` and the user's id (personalisation.seed is unused)
-        "personalisation": {k: v for k, v in asdict(settings.personalisation).items() if k != "seed"},
+        "personalisation": {k: v for k, v in asdict(p).items() if k != "seed" and _shown(k, p.methods)},
         "calibration": asdict(settings.calibration),
         "calibration_split": calibration_split(settings),
         "latency": _latency_meta(prepared),
@@ -95,6 +97,7 @@ def write_results(out_dir: str | Path, prepared: Prepared, outcome: RunOutcome) 
         federated=federated,
         budget=budget_table(settings, prepared.training, prepared.flops_per_image, outcome.federated),
         latency_table=prepared.latency_table,
+        prune_sweep=frames["prune_sweep"],
     )
 
 
@@ -110,3 +113,8 @@ def calibration_split(settings) -> str:
     if exits and settings.personalisation.guard:
         return "the guard's validation split (the same images decide the guard and the threshold)"
     return "the personalisation split"
+
+
+def _shown(setting: str, methods: list[str]) -> bool:
+    """The pruning settings are reported when a pruning method ran (the rest always)."""
+    return not setting.startswith("prune_") or bool(set(methods) & set(PRUNING_METHODS))

@@ -16,7 +16,7 @@ import torch
 from rich.progress import track
 
 from ..data import Population, build_population
-from ..engine import exits_file, load_model, save_exits
+from ..engine import PRUNING_METHODS, exits_file, load_model, save_exits
 from ..engine.device import resolve_device
 from ..engine.features import FeatureStore, FrozenFeatures
 from ..engine.inference import exit_accuracies
@@ -26,7 +26,7 @@ from ..models import cost_table
 from ..report.records import Failure, UserRecord
 from .plan import RunPlan, partition_users
 from .prepare import profile_latency
-from .protocol import run_user, user_seed
+from .protocol import run_pruning_user, run_user, user_seed
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Worker:
     def __post_init__(self):
         # The baselines `final` and `full` train more than the exits: every user must start from
         # the shared backbone and final classifier, not from the previous user's fine-tuned copy.
-        if self.plan.settings.personalisation.method in ("final", "full"):
+        # (The pruning methods work on a copy and never change the shared model.)
+        if {"final", "full"} & set(self.plan.settings.personalisation.methods):
             self._shared_state = {
                 name: tensor.clone()
                 for name, tensor in self.model.state_dict().items()
@@ -64,27 +65,50 @@ class Worker:
             self.model.load_state_dict(self._shared_state, strict=False)
         self.model.exits.load_state_dict(state)
 
-    def personalise_user(self, user: str, exits: dict[str, torch.Tensor], init: str) -> UserRecord:
-        """The paper's protocol for one held-out user, starting from `exits`. Raises
-        UserDataError when the user's data cannot work."""
+    def personalise_user(
+        self, user: str, exits: dict[str, torch.Tensor], init: str, method: str | None = None
+    ) -> UserRecord:
+        """The protocol of `method` (default: the run's personalisation.method) for one held-out
+        user, starting from `exits`. Raises UserDataError when the user's data cannot work."""
         settings = self.plan.settings
         p = settings.personalisation
+        method = method or p.method
+        if method not in p.methods:
+            raise ValueError(f"method {method!r} is not one of this run's methods {p.methods}")
         data = self.population.load_user(
             user, label_fraction=p.label_fraction, seed=user_seed(settings.seed, user)
         )
         self.load_exits(exits)
-        result = run_user(
-            self.model,
-            self.cost_table,
-            (data.train_x, data.train_y, data.labelled),
-            (data.test_x, data.test_y),
-            p.for_user(user_seed(settings.seed, user)),
-            settings.calibration,
-            method=p.method,
-            latency=self.latency,
-            profile_memory=settings.simulation.profile_memory,
-        )
-        if settings.simulation.save_exits and p.method == "exits" and self.plan.run_dir:
+        train, test = (data.train_x, data.train_y, data.labelled), (data.test_x, data.test_y)
+        config = p.for_user(user_seed(settings.seed, user))
+        memory = settings.simulation.profile_memory
+        if method in PRUNING_METHODS:
+            result = run_pruning_user(
+                self.model,
+                self.cost_table,
+                train,
+                test,
+                config,
+                p.pruning_config(),
+                method,
+                self.latency,
+                settings.latency,
+                memory,
+                self.plan.channel_shares(),
+            )
+        else:
+            result = run_user(
+                self.model,
+                self.cost_table,
+                train,
+                test,
+                config,
+                settings.calibration,
+                method,
+                self.latency,
+                memory,
+            )
+        if settings.simulation.save_exits and method == "exits" and self.plan.run_dir:
             save_exits(
                 exits_file(self.plan.run_dir, user, init),
                 self.model,
@@ -94,7 +118,7 @@ class Worker:
                 init=init,
                 accuracy_at_threshold=result.accuracy_at_threshold,
             )
-        return UserRecord(user, init, result, notes=list(data.notes))
+        return UserRecord(user, init, result, notes=list(data.notes), method=method)
 
     def client_features(self, user: str) -> tuple[FrozenFeatures, torch.Tensor, bool]:
         """A federated client's frozen-backbone features and labels over all its images (central
@@ -189,14 +213,18 @@ def run_users_in_process(
     exits: dict[str, torch.Tensor],
     init: str = "global",
     progress: bool = True,
+    method: str | None = None,
 ) -> list[UserRecord]:
     """The same per-user work as the Flower clients, in a plain loop in this process (the
     baseline for the simulation-overhead benchmark, and handy in notebooks)."""
     worker = get_worker(plan.to_json())
+    method = method or plan.settings.personalisation.method
     records = []
-    for user in track(users, description=f"personalising ({init}, in process)", disable=not progress):
+    description = f"personalising ({init}, {method}, in process)"
+    for user in track(users, description=description, disable=not progress):
         try:
-            records.append(worker.personalise_user(user, exits, init))
+            records.append(worker.personalise_user(user, exits, init, method))
         except UserDataError as exc:
-            records.append(UserRecord(user, init, failure=Failure("user", f"user {user}: {one_line(exc)}")))
+            failure = Failure("user", f"user {user}: {one_line(exc)}")
+            records.append(UserRecord(user, init, failure=failure, method=method))
     return records
