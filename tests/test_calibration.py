@@ -360,7 +360,7 @@ def test_run_user_calibrates_on_the_route_it_is_given():
     train = (x, y, torch.ones(40, dtype=torch.bool))
     fast = PersonalisationConfig(epochs=2, lr=0.05, batch_size=16)
     costs = cost_table(make_tiny_model())
-    ltt = CalibrationConfig(rule="ltt", confidence=0.9)
+    ltt = CalibrationConfig(rule="ltt", confidence=0.9, route="validation")
     val = run_user(make_tiny_model(), costs, train, test, fast, ltt)
     _, val_idx = split_validation(40, fast.val_fraction, fast.seed)
     assert val.n_calibration == len(val_idx) < 40

@@ -172,7 +172,10 @@ class CalibrationConfig:
     drop_tolerance_pp: float = 1.0
     confidence: float = 0.9
     margin_z: float = 1.0
-    route: str = "validation"
+    # out_of_fold: on the reporting half of the real LEAF writers, deciding on ~105 out-of-fold
+    # images instead of ~21 validation images took ltt from 1.13x to 2.03x fewer FLOPs with 4%
+    # of users over the tolerance (README, "Calibration that keeps its promise").
+    route: str = "out_of_fold"
     out_of_fold: OutOfFoldConfig = field(default_factory=OutOfFoldConfig)
     prune_exits: bool = True
     thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
@@ -206,8 +209,9 @@ class CalibrationConfig:
 # Named settings (the command line's `calibration=NAME`): changes to the defaults above.
 CALIBRATION_PRESETS: dict[str, dict] = {
     "default": {},
-    "paper": dict(rule="plain"),  # the paper's rule: the measured drop within the tolerance
-    "margin": dict(rule="margin"),  # the default before issue 9 (one standard error)
+    # the paper's rule: the measured drop within the tolerance, on the validation split
+    "paper": dict(rule="plain", route="validation"),
+    "margin": dict(rule="margin", route="validation"),  # the default before issue 9 (one standard error)
 }
 
 
