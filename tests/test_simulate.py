@@ -127,7 +127,7 @@ def test_run_leaves_every_promised_file(two_runs):
     assert "Latency (latency_ms, ms/sample) was measured with onnxruntime on 1 thread(s)" in report
     latency = pd.read_csv(out / "latency.csv")
     assert set(latency["runtime"]) == {"onnxruntime"} and set(latency["batch_size"]) == {1, 32}
-    assert "calibrated on the guard's validation split (the same images decide the guard" in report
+    assert "calibrated on out-of-fold outputs on every personalisation image" in report
     assert "dataset.settings" not in report  # no font lists in the setup table
     assert report.count("drop_tolerance_pp") == 1
     for line in (out / "per_user.csv").read_text().splitlines()[1:]:
