@@ -257,13 +257,19 @@ def test_sweep_runs_each_job_and_a_rejected_setting_fails_alone(env, tmp_path):
 )
 def test_bad_setting_is_one_line_and_refused_before_any_work(tmp_path, override, message):
     """Every setting is checked before the data cache, the global model or Ray start."""
+    assert_refused_before_any_work(tmp_path, override, message)
+
+
+def assert_refused_before_any_work(tmp_path, override: str, message: str) -> None:
+    """The command line refuses `override` with one line starting with `message`, exit code 2,
+    no traceback, and no data cache or global model written."""
     cache = tmp_path / "cache"
     result = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], cache_env(cache), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {message}"), lines[-1]
     assert "Traceback" not in result.stderr
-    assert not cache.exists()  # no data cache, no global model
+    assert not cache.exists()
 
 
 def test_the_wheel_carries_the_configuration(tmp_path):
