@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedexits.engine import CalibrationConfig, ExitCosts, calibrate, pareto_front, sweep
+from fedexits.engine import THRESHOLDS, CalibrationConfig, ExitCosts, calibrate, pareto_front, sweep
 from fedexits.engine.calibration import apply_calibration
 from fedexits.engine.risk_control import (
     drop_p_value_table,
@@ -153,7 +153,7 @@ def test_margin_rejects_thresholds_that_win_on_luck():
     careful = calibrate(probs, targets, table, rule="margin", drop_tolerance_pp=1.0, margin_z=1.0)
     assert careful.active_exits == [False]  # the exit cannot be trusted: it is switched off
     # the exact test needs more evidence than that (two gains and no loss would do at n=20)
-    assert calibrate(probs, targets, table, rule="ltt").active_exits == [False]
+    assert calibrate(probs, targets, table, rule="ltt", **ONE_PP_FULL_GRID).active_exits == [False]
 
 
 # --- defects of the threshold grid -------------------------------------------------------------
@@ -248,10 +248,13 @@ def ltt_user(top_gains, mid_losses):
     return probs, torch.zeros(60, dtype=torch.long)
 
 
+ONE_PP_FULL_GRID = dict(drop_tolerance_pp=1.0, thresholds=THRESHOLDS)
+
+
 def test_ltt_certifies_thresholds_from_the_top_and_picks_the_cheapest():
     table = costs_table([1.0, 10.0], [0.1, 0.0])
     probs, targets = ltt_user(top_gains=3, mid_losses=3)
-    result = calibrate(probs, targets, table, rule="ltt", confidence=0.9)
+    result = calibrate(probs, targets, table, rule="ltt", confidence=0.9, **ONE_PP_FULL_GRID)
     # thresholds in [0.6, 0.95] let the 30 (>= 0.7: 40) confident samples leave: 3 gains, no
     # loss, certified; 0.6 and 0.65 cost the same, and ties go to the higher threshold
     assert result.threshold == 0.65 and result.active_exits == [True] and result.rule == "ltt"
@@ -263,7 +266,7 @@ def test_ltt_certifies_thresholds_from_the_top_and_picks_the_cheapest():
     assert calibrate(probs, targets, table, rule="plain").threshold == 0.0
     # with one gain at the top the first test fails, and fixed-sequence testing stops there
     probs, targets = ltt_user(top_gains=1, mid_losses=0)
-    assert calibrate(probs, targets, table, rule="ltt").active_exits == [False]
+    assert calibrate(probs, targets, table, rule="ltt", **ONE_PP_FULL_GRID).active_exits == [False]
 
 
 def test_ltt_without_labels_needs_many_samples():
@@ -272,7 +275,16 @@ def test_ltt_without_labels_needs_many_samples():
     table = costs_table([1.0, 10.0], [0.1, 0.0])
     for n, certified in ((100, False), (300, True)):
         probs = one_hot_probs([[0.97] * n, [0.9] * n], [[0] * n, [0] * n])
-        assert any(calibrate(probs, None, table, rule="ltt").active_exits) == certified
+        assert any(calibrate(probs, None, table, rule="ltt", **ONE_PP_FULL_GRID).active_exits) == certified
+
+
+def test_the_default_tolerance_is_what_a_writers_decision_images_can_certify():
+    """The default's 2 pp at 90% needs (1 - 0.02)^n <= 0.1, n >= 114 agreeing samples: about
+    the ~105-115 out-of-fold images a LEAF writer has (1 pp would need 230)."""
+    table = costs_table([1.0, 10.0], [0.1, 0.0])
+    for n, certified in ((100, False), (120, True)):
+        probs = one_hot_probs([[0.97] * n, [0.9] * n], [[0] * n, [0] * n])
+        assert any(calibrate(probs, None, table).active_exits) == certified
 
 
 # --- the guarantee, on simulated users whose drop is known ------------------------------------

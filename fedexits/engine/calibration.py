@@ -24,6 +24,11 @@ from .out_of_fold import OutOfFoldConfig
 from .risk_control import drop_p_values, fixed_sequence
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]
+# Learn-then-Test's grid: it tests downwards from 1.0 and stops at the first threshold it cannot
+# certify. Between 0.8 and 1.0 few samples leave early, so one unlucky sample there ends the walk
+# before the thresholds that have evidence; skipping them is a data-independent choice, which
+# keeps the guarantee (on the tuning half of the real LEAF writers: 3.03x instead of 2.56x).
+LTT_THRESHOLDS = [t for t in THRESHOLDS if t <= 0.8] + [1.0]
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,12 @@ class CalibrationConfig:
     """
 
     rule: str = "ltt"
-    drop_tolerance_pp: float = 1.0
+    # 2 pp, not the paper's 1: an exact paired test on n samples with no loss at all rejects
+    # "drop > tol" at 90% only once (1 - tol)^n <= 0.1, i.e. n >= 230 for 1 pp but n >= 114 for
+    # 2 pp, and a writer has about 105 decision images. So 2 pp per user is what can be promised
+    # (the issue's "at most 10% of users above 2 pp"); the mean drop is then well below 1 pp
+    # (README, "Calibration that keeps its promise").
+    drop_tolerance_pp: float = 2.0
     confidence: float = 0.9
     margin_z: float = 1.0
     # out_of_fold: on the reporting half of the real LEAF writers, deciding on ~105 out-of-fold
@@ -178,7 +188,7 @@ class CalibrationConfig:
     route: str = "out_of_fold"
     out_of_fold: OutOfFoldConfig = field(default_factory=OutOfFoldConfig)
     prune_exits: bool = True
-    thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
+    thresholds: list[float] = field(default_factory=lambda: list(LTT_THRESHOLDS))
 
     def __post_init__(self):
         thresholds = list(self.thresholds) if isinstance(self.thresholds, (list, tuple)) else []
@@ -210,8 +220,9 @@ class CalibrationConfig:
 CALIBRATION_PRESETS: dict[str, dict] = {
     "default": {},
     # the paper's rule: the measured drop within the tolerance, on the validation split
-    "paper": dict(rule="plain", route="validation"),
-    "margin": dict(rule="margin", route="validation"),  # the default before issue 9 (one standard error)
+    "paper": dict(rule="plain", route="validation", drop_tolerance_pp=1.0, thresholds=THRESHOLDS),
+    # the default before issue 9 (one standard error); what the lifecycle defaults were measured with
+    "margin": dict(rule="margin", route="validation", drop_tolerance_pp=1.0, thresholds=THRESHOLDS),
 }
 
 
