@@ -60,9 +60,9 @@ def promise_lines(promise: Mapping | None) -> list[str]:
         )
     lines = [stated + f" Calibration images: route `{promise.get('route')}`."]
     for init, row in (promise.get("inits") or {}).items():
+        also = f" ({row['share_over_2pp']:.0%} exceed 2 pp)" if tolerance != 2 else ""
         lines.append(
             f"- init `{init}`: realised test drop {row['mean_drop_pp']:.2f} pp on average; "
-            f"{row['share_over_tolerance']:.0%} of {row['users']} users exceed {tolerance:g} pp "
-            f"({row['share_over_2pp']:.0%} exceed 2 pp)."
+            f"{row['share_over_tolerance']:.0%} of {row['users']} users exceed {tolerance:g} pp{also}."
         )
     return lines
