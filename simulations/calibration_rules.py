@@ -7,9 +7,9 @@ Every held-out user is personalised once per route and the exits' outputs are ca
     and the threshold; the deployed exits train on all of them.
 Then every candidate (route x guard x calibration rule) is evaluated from the cache on the
 TUNING half of the users, the candidate with a stated guarantee (rule ltt) that meets the most
-targets there, then with the largest FLOP speedup, is chosen, and every candidate is reported on the REPORTING half with the chosen one
-marked: its numbers were not tuned on those users. Halves: `tuning_reporting_split` (seeded),
-recorded next to the held-out list.
+targets there, then with the largest FLOP speedup, is chosen, and every candidate is reported
+on the REPORTING half with the chosen one marked: its numbers were not tuned on those users.
+Halves: `tuning_reporting_split` (seeded), recorded next to the held-out list.
 
     python simulations/calibration_rules.py --out results/calibration_rules \\
         --tuning simulations/leaf_tuning.txt --reporting simulations/leaf_reporting.txt -- \\
@@ -61,9 +61,13 @@ RULES = {  # the promise of "ltt" is stated (tolerance, confidence); margin/plai
     "margin z=1": CalibrationConfig(rule="margin", margin_z=1.0, **FULL),
     "margin z=2": CalibrationConfig(rule="margin", margin_z=2.0, **FULL),
     "ltt 1pp@90%": CalibrationConfig(rule="ltt", confidence=0.9, **FULL),
-    "ltt 1pp@90% top 0.8": CalibrationConfig(rule="ltt", confidence=0.9, drop_tolerance_pp=1.0, thresholds=TOP_08),
+    "ltt 1pp@90% top 0.8": CalibrationConfig(
+        rule="ltt", confidence=0.9, drop_tolerance_pp=1.0, thresholds=TOP_08
+    ),
     "ltt 1pp@80%": CalibrationConfig(rule="ltt", confidence=0.8, **FULL),
-    "ltt 2pp@90%": CalibrationConfig(rule="ltt", confidence=0.9, drop_tolerance_pp=2.0, thresholds=THRESHOLDS),
+    "ltt 2pp@90%": CalibrationConfig(
+        rule="ltt", confidence=0.9, drop_tolerance_pp=2.0, thresholds=THRESHOLDS
+    ),
     "ltt 2pp@90% top 0.8": CalibrationConfig(
         rule="ltt", confidence=0.9, drop_tolerance_pp=2.0, thresholds=TOP_08
     ),

@@ -141,6 +141,10 @@ def test_runtime_dynamic_inference_matches_pytorch(model, images, thresholds, ex
     assert len(runner.manifest["graphs"]["stages"]) == sum(t is not None for t in thresholds) + 1
     assert_same_exits(out, reference, confidence, thresholds)
     assert out.exit_taken.dtype == torch.long and out.mflops.shape == (len(images),)
+    # one image at a time (the lean path a device takes) gives the same answers
+    singles = [runner.dynamic_inference(images[i : i + 1]) for i in range(len(images))]
+    for field in ("predictions", "exit_taken", "mflops"):
+        assert torch.equal(torch.cat([getattr(o, field) for o in singles]), getattr(out, field)), field
     # other exits: the per-attach-point segments and heads
     ordered = confidence[1].sort().values
     others = [None, float(ordered[len(ordered) // 2 : len(ordered) // 2 + 2].mean()), None]

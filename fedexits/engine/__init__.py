@@ -3,9 +3,9 @@ everything is usable from a notebook."""
 
 from .calibration import (
     CALIBRATION_PRESETS,
+    LTT_THRESHOLDS,
     ROUTES,
     RULES,
-    LTT_THRESHOLDS,
     THRESHOLDS,
     Calibration,
     CalibrationConfig,
@@ -63,7 +63,8 @@ from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_e
 from .train import TRAIN_PRESETS, TrainConfig, train_global
 
 __all__ = [
-    "CALIBRATION_PRESETS", "ROUTES", "RULES", "LTT_THRESHOLDS", "THRESHOLDS", "Calibration", "CalibrationConfig", "ExitCosts",
+    "CALIBRATION_PRESETS", "ROUTES", "RULES", "LTT_THRESHOLDS", "THRESHOLDS", "Calibration",
+    "CalibrationConfig", "ExitCosts",
     "apply_calibration", "calibrate", "pareto_front", "sweep", "load_model", "read_checkpoint",
     "save_checkpoint", "EarlyExitOutput",
     "dynamic_inference", "exit_accuracies", "exit_probabilities", "fixed_exit_inference",

@@ -103,7 +103,9 @@ class OnnxEarlyExit:
 
     def dynamic_inference(self, x, thresholds="manifest", batch_size: int = 256) -> EarlyExitOutput:
         """Early exit at `thresholds` ("manifest": the user's calibrated ones; else as for
-        `inference.dynamic_inference`: one for all exits or one per exit, None switches off)."""
+        `inference.dynamic_inference`: one for all exits or one per exit, None switches off).
+        A single sample takes a lean path (no batch bookkeeping): on a device, where images
+        come one at a time, the host loop's own cost is what separates wall-clock from FLOPs."""
         m = self.num_exits
         if isinstance(thresholds, str):
             if thresholds != "manifest":
@@ -117,7 +119,14 @@ class OnnxEarlyExit:
         predictions = np.empty(n, dtype=np.int64)
         exit_taken = np.empty(n, dtype=np.int64)
         confidence = np.empty(n, dtype=np.float32)
-        for start in range(0, n, batch_size):
+        if n == 1:
+            h = x
+            for k, step in steps:
+                h, conf, pred = step(h)
+                if k == m or conf[0] > thresholds[k]:
+                    predictions[0], exit_taken[0], confidence[0] = pred[0], k, conf[0]
+                    break
+        for start in range(0, n if n > 1 else 0, batch_size):
             h = x[start : start + batch_size]
             alive = np.arange(start, start + len(h))
             for k, step in steps:
@@ -130,9 +139,11 @@ class OnnxEarlyExit:
                     if not stay.any():
                         break
                     h, alive = h[stay], alive[stay]
-        exit_taken = torch.from_numpy(exit_taken)
         return EarlyExitOutput(
-            torch.from_numpy(predictions), exit_taken, torch.from_numpy(confidence), costs[exit_taken]
+            torch.from_numpy(predictions),
+            torch.from_numpy(exit_taken),
+            torch.from_numpy(confidence),
+            torch.from_numpy(costs[exit_taken]),
         )
 
     @functools.lru_cache(maxsize=8)  # noqa: B019  (a few patterns per runner)
@@ -159,9 +170,9 @@ class OnnxEarlyExit:
         return (h, *top1(self.run("exits", exit_index, h)))
 
     @functools.lru_cache(maxsize=8)  # noqa: B019  (a few patterns per runner; at batch 1 it counts)
-    def costs_per_exit(self, active: tuple[bool, ...]) -> torch.Tensor:
+    def costs_per_exit(self, active: tuple[bool, ...]) -> np.ndarray:
         """MFLOPs of a sample leaving at each exit 0..M when the `active` early exits run."""
-        return self.flops.per_exit(active).float()
+        return self.flops.per_exit(active).float().numpy()
 
     def fixed_exit_inference(self, x, exit_index: int, batch_size: int = 256) -> torch.Tensor:
         """Logits of the network truncated at `exit_index` (M = full network), one graph."""

@@ -167,15 +167,19 @@ def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int], eva
 
     reference = evaluate(ArrayRecord(initial_exits(plan, "global")))  # central exits, same clients
     evaluations = {0: evaluate(initial)}
-    result = strategy.start(
-        grid,
-        initial_arrays=initial,
-        num_rounds=fed.rounds,
-        train_config=ConfigRecord({"plan": plan_json}),
-        evaluate_config=ConfigRecord({"plan": plan_json}),
-        timeout=sim.timeout_s,
-        evaluate_fn=evaluate_fn,
-    )
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns) as progress:
+        task = progress.add_task(f"federated exit training ({fed.strategy.name}, rounds)", total=fed.rounds)
+        strategy.on_round = lambda server_round: progress.update(task, completed=server_round)
+        result = strategy.start(
+            grid,
+            initial_arrays=initial,
+            num_rounds=fed.rounds,
+            train_config=ConfigRecord({"plan": plan_json}),
+            evaluate_config=ConfigRecord({"plan": plan_json}),
+            timeout=sim.timeout_s,
+            evaluate_fn=evaluate_fn,
+        )
     if not result.train_metrics_clientapp:
         first = reply_reason(strategy.errors[0][1]) if strategy.errors else "no replies"
         raise RuntimeError(f"federated exit training: no round succeeded ({first})")

@@ -13,7 +13,7 @@ a server optimiser's step on a running variance can make it negative.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -89,6 +89,7 @@ class SeededSampling:
         self.cached: dict[int, int] = {}  # round -> clients whose features were kept from before
         self.errors: list[tuple[int, str]] = []  # (round, reason) of clients that failed to train
         self.eval_errors: list[tuple[int, str]] = []  # (round, reason) of failed evaluations
+        self.on_round: Callable[[int], None] | None = None  # called after each aggregation (progress)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         chosen = self.rng.sample(self.train_nodes, self.clients_per_round)
@@ -106,6 +107,8 @@ class SeededSampling:
         self.cached[server_round] = sum(int(c["metrics"]["features-cached"]) for c in ok)
         dtypes = {k: a.numpy().dtype for k, a in ok[0][self.arrayrecord_key].items()} if ok else {}
         arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.on_round is not None:
+            self.on_round(server_round)
         if arrays is None:
             return arrays, metrics
         values = {key: array.numpy() for key, array in arrays.items()}
