@@ -12,7 +12,7 @@ from fedexits.engine import CALIBRATION_PRESETS, PRESETS, TRAIN_PRESETS, Calibra
 from fedexits.models import MODEL_PRESETS, ModelConfig, build_multi_exit
 from fedexits.report.records import Failure, UserRecord
 from fedexits.study import LatencyProfile, RunPlan, compose_config, run_status, user_seed
-from fedexits.study.config import INIT_PRESETS, PersonalisationSettings, SimulationConfig
+from fedexits.study.config import COMPARE_NUM_USERS, INIT_PRESETS, PersonalisationSettings, SimulationConfig
 
 # Keys the command line wires from the top-level `seed` and `cache_dir` (fedexits/conf/config.yaml).
 WIRED = {"seed", "cache_dir"}
@@ -49,6 +49,14 @@ def test_dataset_simulation_and_init_defaults_match_the_dataclasses():
     assert asdict(settings.simulation) == asdict(SimulationConfig())
     for name, inits in INIT_PRESETS.items():
         assert compose_config([f"init={name}"]).init.inits == inits
+
+
+def test_init_compare_samples_its_users_unless_told_otherwise():
+    assert compose_config(["init=compare"]).simulation.num_users == COMPARE_NUM_USERS
+    assert compose_config(["init=global"]).simulation.num_users is None
+    for overrides in (["init=compare", "simulation.num_users=7"], ["simulation.num_users=7", "init=compare"]):
+        assert compose_config(overrides).simulation.num_users == 7
+    assert compose_config(["init=compare", "simulation.num_users=null"]).simulation.num_users is None
 
 
 def test_the_top_level_seed_reaches_every_section():

@@ -104,6 +104,10 @@ INIT_PRESETS = {
     "scratch": ["scratch"],
     "compare": list(INITS),
 }
+# `init=compare` personalises every user three times and trains federated exits first; on a seeded
+# sample of 40 held-out users it runs in under 10 minutes on 2 cores (README, "Federated exits").
+# `simulation.num_users=null` compares on all of them.
+COMPARE_NUM_USERS = 40
 
 
 # Flower's server strategies for federated exit training (`fedexits.fl.strategy` maps each name to
@@ -324,7 +328,11 @@ def register_configs() -> None:
     for name, preset in CALIBRATION_PRESETS.items():
         store.store(group="calibration", name=name, node=CalibrationConfig(**preset))
     for name, inits in INIT_PRESETS.items():
-        store.store(group="init", name=name, node=InitConfig(inits=inits))
+        if name == "compare":  # also sets the user sample: the option writes at the top level
+            node = {"init": {"inits": inits}, "simulation": {"num_users": COMPARE_NUM_USERS}}
+            store.store(group="init", name=name, node=node, package="_global_")
+        else:
+            store.store(group="init", name=name, node=InitConfig(inits=inits))
     for name, preset in STRATEGY_PRESETS.items():
         store.store(group="federated/strategy", name=name, node=StrategyConfig(**preset))
     store.store(group="simulation", name="default", node=SimulationConfig)
