@@ -111,6 +111,22 @@ def prediction_mismatches(model, runner, x, thresholds, reference) -> int:
     return int((differ & ~near).sum())
 
 
+def exit_overhead(runner: OnnxEarlyExit, table) -> dict:
+    """What an early exit costs in ONNX Runtime at batch 1 beyond its head's FLOPs, in MFLOPs of
+    backbone compute (at the whole network's ms per MFLOP): per-operator dispatch and the graph
+    boundary, which FLOPs do not see. The value for `calibration.exit_overhead_mflops`."""
+    latency = runner.measure_latency(batch_sizes=[1]).set_index("exit")
+    full = len(table) - 1
+    ms_per_mflop = latency.loc[full, "latency_ms"] / table["mflops"].iloc[-1]
+    heads = latency.loc[: full - 1, "head_ms"].to_numpy() / ms_per_mflop - table["head_mflops"].iloc[:-1]
+    return {
+        "ms_per_mflop": float(ms_per_mflop),
+        "head_ms": latency.loc[: full - 1, "head_ms"].tolist(),
+        "exit_overhead_mflops": [float(h) for h in heads],
+        "exit_overhead_mflops_median": float(statistics.median(heads)),
+    }
+
+
 def ratio(rows, slow: str, fast: str) -> float:
     return sum(r[slow] for r in rows) / sum(r[fast] for r in rows)
 
@@ -136,7 +152,7 @@ def main() -> None:
         """What runs on a device: BatchNorm folded into the convolutions (both paths alike)."""
         return model if args.no_fold else fold_batchnorm(model)
 
-    rows, drop_tolerance = [], float("nan")
+    rows, drop_tolerance, overhead = [], float("nan"), None
     with tempfile.TemporaryDirectory(prefix="early-exit-speed-") as tmp:
         for u in personalised_users(args.overrides, args.users):
             model, table, x, drop_tolerance = u.model, u.cost_table, u.test_x, u.drop_tolerance_pp
@@ -145,6 +161,11 @@ def main() -> None:
                 model, Path(tmp) / u.user, u.threshold, u.active_exits, fold_bn=not args.no_fold
             )
             runner = OnnxEarlyExit(manifest, threads=args.threads)
+            if overhead is None:  # once: the backbone and the heads' shapes are every user's
+                overhead = exit_overhead(runner, table)
+                print(
+                    f"an early exit costs {overhead['exit_overhead_mflops_median']:.2f} MFLOPs beyond its head"
+                )
             dynamic = dynamic_inference(model, x, thresholds, table)
             full = dynamic_inference(model, x, None, table)
             rows.append(
@@ -186,6 +207,8 @@ def main() -> None:
         "wall_over_flop_prediction_batch1_eager": speedups["speedup_at_1pp_batch1_eager"] / flop_prediction,
         "onnxruntime_over_eager_full_b1": ratio(rows, "full_b1_s", "ort_full_b1_s"),
         "onnxruntime_over_eager_dynamic_b1": ratio(rows, "dynamic_b1_s", "ort_dynamic_b1_s"),
+        "exit_overhead": overhead,
+        "active_exits_mean": statistics.mean(sum(r["active_exits"]) for r in rows),
         "prediction_mismatches": sum(r["prediction_mismatches"] for r in rows),
         "test_images": sum(r["n_test"] for r in rows),
         "accuracy_drop_pp": 100 * statistics.mean(r["accuracy_full"] - r["accuracy_dynamic"] for r in rows),

@@ -402,3 +402,23 @@ def test_calibration_settings_from_the_command_line(override, message):
         compose_config([override])
     chosen = compose_config(["calibration.rule=margin", "calibration.route=out_of_fold"]).calibration
     assert (chosen.rule, chosen.route, chosen.out_of_fold.folds) == ("margin", "out_of_fold", 5)
+
+
+@pytest.mark.parametrize("rule", ["plain", "ltt"])
+def test_an_exit_overhead_switches_off_exits_that_only_pay_in_flops(rule):
+    """Exit 1 catches 5% of the samples: worth its head in FLOPs, not once each exit also costs
+    5 MFLOPs of dispatch; the reported cost stays the true FLOPs."""
+    n = 200
+    conf0 = [0.9] * 180 + [0.3] * 20
+    conf1 = [0.3] * 180 + [0.9] * 10 + [0.3] * 10
+    probs = one_hot_probs([conf0, conf1, [0.9] * n], [[0] * n] * 3)
+    targets = torch.zeros(n, dtype=torch.long)
+    table = costs_table([1.0, 2.0, 10.0], [0.1, 0.1, 0.1])
+    settings = dict(rule=rule, thresholds=[0.5, 1.0])
+    by_flops = calibrate(probs, targets, table, **settings)
+    by_runtime = calibrate(probs, targets, table, exit_overhead_mflops=5.0, **settings)
+    assert by_flops.active_exits == [True, True] and by_runtime.active_exits == [True, False]
+    assert by_runtime.threshold == by_flops.threshold == 0.5
+    assert by_runtime.expected_mflops == pytest.approx(0.9 * 1.1 + 0.1 * 10.2)
+    with pytest.raises(SettingsError, match="calibration.exit_overhead_mflops must be >= 0 MFLOPs"):
+        CalibrationConfig(exit_overhead_mflops=-1)
