@@ -163,9 +163,8 @@ def main() -> None:
             runner = OnnxEarlyExit(manifest, threads=args.threads)
             if overhead is None:  # once: the backbone and the heads' shapes are every user's
                 overhead = exit_overhead(runner, table)
-                print(
-                    f"an early exit costs {overhead['exit_overhead_mflops_median']:.2f} MFLOPs beyond its head"
-                )
+                extra = overhead["exit_overhead_mflops_median"]
+                print(f"an early exit costs {extra:.2f} MFLOPs beyond its head (median)")
             dynamic = dynamic_inference(model, x, thresholds, table)
             full = dynamic_inference(model, x, None, table)
             rows.append(
