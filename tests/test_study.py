@@ -169,3 +169,21 @@ def test_ray_joins_a_cluster_only_when_asked():
 
     assert address() == "local"
     assert address("simulation.ray_address=127.0.0.1:6391") == "127.0.0.1:6391"
+
+
+def test_the_global_model_is_keyed_by_the_held_out_users_not_by_the_file_path(tmp_path):
+    from fedexits.models import MultiExitSpec
+    from fedexits.study.prepare import global_model_path
+
+    def path_for(lines: str, name: str):
+        listed = tmp_path / name
+        listed.write_text(lines)
+        settings = compose_config(
+            ["dataset=femnist_leaf", "dataset.path=/data", f"dataset.held_out_file={listed}"]
+        )
+        spec = MultiExitSpec.from_config(settings.model, 62, (1, 28, 28))
+        return global_model_path(settings, spec)
+
+    same = path_for("f001\nf002\n", "a.txt")
+    assert path_for("# the same users\nf002\nf001\n", "b.txt") == same
+    assert path_for("f001\nf003\n", "c.txt") != same

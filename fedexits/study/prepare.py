@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..data import build_population
+from ..data.split import read_held_out_file
 from ..engine import LatencySettings, latency_costs, load_model, profile_exit_latency, train_global
 from ..engine.device import resolve_device
 from ..engine.pruning import PRUNING_METHODS, channel_shares
@@ -42,10 +43,14 @@ class Prepared:
 
 
 def global_model_path(settings: StudyConfig, spec: MultiExitSpec) -> Path:
-    """Cached global model, keyed by everything that shapes it (data, network, training, seed)."""
+    """Cached global model, keyed by everything that shapes it (data, network, training, seed).
+    A held-out file counts by the users it lists, not by where it lies."""
+    dataset = asdict(settings.dataset)
+    if dataset.get("held_out_file"):
+        dataset["held_out_file"] = sorted(read_held_out_file(dataset["held_out_file"]))
     key = json.dumps(
         {
-            "dataset": asdict(settings.dataset),
+            "dataset": dataset,
             "model": {**spec.architecture(), "weights": spec.weights},
             "training": asdict(settings.global_training),
         },
