@@ -42,7 +42,7 @@ from fedexits.engine import (
 )
 from fedexits.engine.features import FrozenFeatures
 from fedexits.engine.out_of_fold import OutOfFoldConfig, guard_decisions, personalise_out_of_fold
-from fedexits.engine.personalise import split_validation
+from fedexits.engine.personalise import GUARD_METRICS, split_validation
 
 TARGETS = {
     "mean_drop_pp": 1.0,
@@ -203,21 +203,27 @@ def targets_met(summary: dict) -> int:
     )
 
 
-def evaluate(records: dict, users: list[str], cost_table, metric: str) -> pd.DataFrame:
-    """One row per candidate (route x guard x rule), from every user's cached outputs. Users
-    are the outer loop: the exact tests' tables depend on a user's sample count and are cached."""
-    settings = [(route, guard, rule) for route in ("val", "oof") for guard in GUARDS for rule in RULES]
+def evaluate(records: dict, users: list[str], cost_table, metrics: list[str]) -> pd.DataFrame:
+    """One row per candidate (guard metric x route x guard x rule), from every user's cached
+    outputs. Users are the outer loop: the exact tests' tables depend on a user's sample count
+    and are cached."""
+    settings = [
+        (metric, route, guard, rule)
+        for metric in metrics
+        for route in ("val", "oof")
+        for guard in GUARDS
+        for rule in RULES
+    ]
     per_user = {setting: [] for setting in settings}
     for user in users:
-        for route, guard, rule in settings:
+        for metric, route, guard, rule in settings:
             row = evaluate_user(records[user], cost_table, route, guard, metric, RULES[rule])
-            per_user[(route, guard, rule)].append(row)
+            per_user[(metric, route, guard, rule)].append(row)
     rows = []
-    for (route, guard, rule), results in per_user.items():
+    for (metric, route, guard, rule), results in per_user.items():
         summary = summarise(pd.DataFrame(results), RULES[rule].drop_tolerance_pp)
-        rows.append(
-            {"route": route, "guard": guard, "rule": rule, **summary, "targets_met": targets_met(summary)}
-        )
+        setting = {"guard_metric": metric, "route": route, "guard": guard, "rule": rule}
+        rows.append({**setting, **summary, "targets_met": targets_met(summary)})
     return pd.DataFrame(rows)
 
 
@@ -233,6 +239,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of --write-split")
     parser.add_argument("--rules", nargs="+", choices=list(RULES), help="candidate rules (default: all)")
     parser.add_argument("--guards", nargs="+", choices=list(GUARDS), help="candidate guards (default: all)")
+    parser.add_argument(
+        "--guard-metrics",
+        nargs="+",
+        choices=list(GUARD_METRICS),
+        default=[PersonalisationConfig().guard_metric],
+        help="what the guard compares (default: the personalisation default's)",
+    )
     parser.add_argument(
         "--minutes", type=float, help="stop collecting after this long (runs resume from the cache)"
     )
@@ -276,20 +289,23 @@ def main() -> None:
     if not tuning:
         return
     pd.set_option("display.width", 250)
-    metric = PersonalisationConfig().guard_metric
-    tuned = evaluate(records, tuning, study.cost_table, metric)
+    tuned = evaluate(records, tuning, study.cost_table, args.guard_metrics)
     atomic_write(out / "tuning.csv", lambda f: tuned.to_csv(f, index=False), "w")
     # Only a rule with a stated guarantee may become the default: the first round's criterion
     # allowed heuristics and chose margin z=2, which left 24% of the reporting users over 1 pp.
     guaranteed = tuned[tuned["rule"].map(lambda name: RULES[name].rule == "ltt")]
     best = guaranteed.sort_values(["targets_met", "speedup"], ascending=False).iloc[0]
     print("TUNING half:\n", tuned.round(3).to_string(index=False))
-    print(f"\nchosen on the tuning half: route {best['route']}, guard {best['guard']}, rule {best['rule']}")
+    print(
+        f"\nchosen on the tuning half: guard metric {best['guard_metric']}, route {best['route']}, "
+        f"guard {best['guard']}, rule {best['rule']}"
+    )
     if not reporting:
         return
-    reported = evaluate(records, reporting, study.cost_table, metric)
+    reported = evaluate(records, reporting, study.cost_table, args.guard_metrics)
     chosen = (
-        (reported["route"] == best["route"])
+        (reported["guard_metric"] == best["guard_metric"])
+        & (reported["route"] == best["route"])
         & (reported["guard"] == best["guard"])
         & (reported["rule"] == best["rule"])
     )
