@@ -126,19 +126,20 @@ class OnnxEarlyExit:
                 if k == m or conf[0] > thresholds[k]:
                     predictions[0], exit_taken[0], confidence[0] = pred[0], k, conf[0]
                     break
-        for start in range(0, n if n > 1 else 0, batch_size):
-            h = x[start : start + batch_size]
-            alive = np.arange(start, start + len(h))
-            for k, step in steps:
-                h, conf, pred = step(h)
-                leave = conf > thresholds[k] if k < m else np.ones(len(alive), dtype=bool)
-                if leave.any():
-                    ids = alive[leave]
-                    predictions[ids], exit_taken[ids], confidence[ids] = pred[leave], k, conf[leave]
-                    stay = ~leave
-                    if not stay.any():
-                        break
-                    h, alive = h[stay], alive[stay]
+        else:
+            for start in range(0, n, batch_size):
+                h = x[start : start + batch_size]
+                alive = np.arange(start, start + len(h))
+                for k, step in steps:
+                    h, conf, pred = step(h)
+                    leave = conf > thresholds[k] if k < m else np.ones(len(alive), dtype=bool)
+                    if leave.any():
+                        ids = alive[leave]
+                        predictions[ids], exit_taken[ids], confidence[ids] = pred[leave], k, conf[leave]
+                        stay = ~leave
+                        if not stay.any():
+                            break
+                        h, alive = h[stay], alive[stay]
         return EarlyExitOutput(
             torch.from_numpy(predictions),
             torch.from_numpy(exit_taken),

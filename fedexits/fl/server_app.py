@@ -32,6 +32,11 @@ class BackendStopped(RuntimeError):
     """The simulation backend ended while the server was still waiting for clients."""
 
 
+def progress_bar() -> Progress:
+    """The server's progress display: what, a bar, done of total, time elapsed."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float, stopped: threading.Event) -> list[int]:
     """The server may start before every virtual client registered: wait for all of them."""
     deadline = time.monotonic() + timeout_s
@@ -62,8 +67,7 @@ def send_and_collect(
     pending: dict[str, Message] = {}
     queue = list(messages)
     deadline = time.monotonic() + timeout_s
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(description, total=len(queue))
         while queue or pending:
             room = max_in_flight - len(pending)
@@ -167,8 +171,7 @@ def federated_exits(grid: Grid, prepared: Prepared, node_of: dict[int, int], eva
 
     reference = evaluate(ArrayRecord(initial_exits(plan, "global")))  # central exits, same clients
     evaluations = {0: evaluate(initial)}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"federated exit training ({fed.strategy.name}, rounds)", total=fed.rounds)
         strategy.on_round = lambda server_round: progress.update(task, completed=server_round)
         result = strategy.start(
