@@ -7,7 +7,9 @@ and the run's outputs. A job is ok when its summary.json exists (the report writ
 says the run succeeded. It failed when it has no summary (with the one-line error from its
 error.txt when there is one) or when its summary says the run failed (too many users failed, or a
 bug): such a job keeps its rows, marked failed with the reason. Failed jobs are rows of the
-table too, so a sweep with a rejected setting still shows what was tried.
+table too, so a sweep with a rejected setting still shows what was tried. A lifecycle job
+(`+experiment=lifecycle`) gives one row per policy with its target metrics instead of rows per
+exit, and the report gains a lifecycle table and figure.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ import pandas as pd
 import yaml
 
 from fedexits.report.files import atomic_write_csv, atomic_write_text
+from fedexits.report.lifecycle_sweep import (
+    LIFECYCLE_FIELDS,
+    LIFECYCLE_SWEEP_PNG,
+    is_lifecycle,
+    lifecycle_markdown,
+    lifecycle_rows,
+    plot_lifecycle_sweep,
+)
 from fedexits.report.markdown import (
     cell,
     count,
@@ -127,6 +137,8 @@ def job_rows(job_dir: Path) -> list[dict]:
     status = (summary.get("meta") or {}).get("status") or {}
     if status.get("status") == "failed":
         base.update(status="failed", error=f"run failed: {status.get('reason')}")
+    if is_lifecycle(summary):
+        return lifecycle_rows(summary, base) or [base]
     rows = []
     for run in summary_runs(summary):
         run_values = {"init": run["init"], "method": run["method"]}
@@ -142,6 +154,7 @@ def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     overrides = sorted(c for c in table.columns if c.startswith(OVERRIDE_PREFIX))
     first = ["job", "status", *overrides, "init", "method", *EXIT_FIELDS, *INIT_FIELDS]
+    first += [f for f in LIFECYCLE_FIELDS if f in table.columns]  # lifecycle jobs only
     table = table.reindex(columns=first + ["label", "error", "job_dir"])
     integers = ["job", "exit", "users_ok", "users_failed"]
     return table.astype({column: "Int64" for column in integers})
@@ -251,6 +264,7 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
             },
         ),
         "",
+        *lifecycle_markdown(table),
         "## Figure",
         "",
         f"![Mean personalised accuracy per exit, one line per job]({figure_name})",
@@ -274,6 +288,7 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(table, out_dir / SWEEP_CSV)
     figure = plot_sweep_accuracy(table[table["status"] == "ok"], out_dir / SWEEP_PNG)
+    plot_lifecycle_sweep(table, out_dir / LIFECYCLE_SWEEP_PNG)
     atomic_write_text(out_dir / SWEEP_MD, render_sweep_report(table, sweep_dir, figure.name))
     return table
 

@@ -22,6 +22,8 @@ import pytest
 from fedexits import collect
 from fedexits.report import exit_table, load_run, summarise, threshold_table, write_run_report
 from fedexits.report.files import atomic_write_json
+from fedexits.report.lifecycle import target_metrics
+from fedexits.report.lifecycle_sweep import LIFECYCLE_SWEEP_PNG
 from fedexits.report.plots import CDF_PNG, COST_PNG, LATENCY_PNG, SWEEP_PNG
 from fedexits.report.schema import (
     FAILURE_COLUMNS,
@@ -352,3 +354,36 @@ def test_sweep_legend_keeps_only_what_differs_between_jobs():
         labels[2]: "2: personalisation.alpha=1, federated.alpha=2",
     }
     assert _short_job_labels(["0: (no overrides)"]) == {"0: (no overrides)": "0: (no overrides)"}
+
+
+def _lifecycle_summary(bonus: float) -> dict:
+    """A lifecycle job's summary.json as the run writes it: policies from target_metrics on a
+    tiny timeline (u0 drifts on day 1, u1 never)."""
+    rows = [
+        dict(user=user, day=day, policy=policy, accuracy=0.8 + bonus * (policy == "orchestrator"),
+             final_accuracy=0.8, measured=10, mflops=20.0, drift_flagged=user == "u0" and day == 2,
+             train_mflops=1000.0 * (policy == "nightly"))
+        for user in ("u0", "u1") for day in range(3) for policy in ("nightly", "orchestrator")
+    ]  # fmt: skip
+    metrics = target_metrics(pd.DataFrame(rows), {"u0": 1, "u1": None}, full_mflops=40.0)
+    meta = {"mode": "lifecycle", "status": {"status": "ok", "reason": ""}}
+    return {"meta": meta, "policies": json.loads(json.dumps(metrics.reset_index().to_dict("records")))}
+
+
+def test_collect_gives_lifecycle_jobs_one_row_per_policy(tmp_path):
+    sweep = tmp_path / "multirun"
+    for job, (p_expl, bonus) in enumerate([(0.1, 0.0), (0.3, -0.05)]):
+        job_dir = _fake_job(sweep, job, ["+experiment=lifecycle", f"lifecycle.orchestrator.p_expl={p_expl}"])
+        atomic_write_json(_lifecycle_summary(bonus), job_dir / "summary.json")
+    out = tmp_path / "collected"
+    assert collect.main([str(sweep), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 2 * 2 and set(table.policy) == {"nightly", "orchestrator"}
+    worse = table[(table.job == 1) & (table.policy == "orchestrator")]
+    assert worse.drifted_gap_pp_mean.item() == pytest.approx(5.0)  # 5 pp below the final exit
+    assert worse.drifted_flops_share.item() == pytest.approx(0.5) and worse.median_delay_days.item() == 1
+    nightly = table[(table.job == 0) & (table.policy == "nightly")]
+    assert nightly.steady_train_gflops_per_user.item() == pytest.approx(3.0)
+    markdown = (out / "sweep.md").read_text()
+    assert "## Lifecycle per job and policy" in markdown and "+5.00" in markdown
+    assert (out / LIFECYCLE_SWEEP_PNG).read_bytes()[:8] == PNG_SIGNATURE
