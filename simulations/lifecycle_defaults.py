@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from fedexits.data import build_population
+from fedexits.data.split import read_held_out_file
 from fedexits.data.streams import DriftConfig, StreamConfig
 from fedexits.engine import load_model
 from fedexits.engine.lifecycle import Lifecycle
@@ -51,18 +52,18 @@ def prepare_model(overrides: list[str]) -> SimpleNamespace:
         model=model,
         settings=settings,
         personalisation=settings.personalisation.for_user(settings.seed),
-        calibration=dict(
-            drop_tolerance_pp=calibration.drop_tolerance_pp,
-            calibration_margin_z=calibration.margin_z,
-            prune_exits=calibration.prune_exits,
-        ),
+        calibration=calibration,
         latency=prepared.plan.latency.costs() if prepared.plan.latency else None,
         seed=settings.seed,
     )
 
 
 def chosen_users(args, setup) -> list[str]:
-    """held_out_users[skip : skip + users]: tune on one slice, report on another."""
+    """held_out_users[skip : skip + users] (tune on one slice, report on another), or the held-out
+    users a --users-file lists (the LEAF reporting half)."""
+    if args.users_file:
+        listed = set(read_held_out_file(args.users_file))
+        return [user for user in setup.population.held_out_users if user in listed]
     return setup.population.held_out_users[args.skip : args.skip + args.users]
 
 
@@ -99,7 +100,7 @@ def run(args, setup, policies, orchestrator=None):
     population = setup.population
     decode = population.model_input
     lifecycle = Lifecycle(
-        setup.model, config, setup.personalisation, decode, latency=setup.latency, **setup.calibration
+        setup.model, config, setup.personalisation, decode, setup.calibration, setup.latency
     )
     started = time.perf_counter()
     result = run_lifecycle(population, chosen_users(args, setup), lifecycle, progress=True)
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the global model, as for simulate")
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--skip", type=int, default=0, help="start at this held-out user (tuning vs report)")
+    parser.add_argument("--users-file", help="run the held-out users this file lists (one per line)")
     parser.add_argument("--days", type=int, default=StreamConfig.days)
     parser.add_argument("--inputs-per-day", type=int, default=StreamConfig.inputs_per_day)
     parser.add_argument("--drift", default=DriftConfig.scenario)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from fedexits.data.streams import DriftConfig, StreamConfig, user_stream
+from fedexits.engine.calibration import THRESHOLDS, CalibrationConfig
 from fedexits.engine.lifecycle import TIMING_COLUMNS, Lifecycle, run_day
 from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, average_exits, run_lifecycle
-from fedexits.engine.orchestrator import OrchestratorConfig, UserState
+from fedexits.engine.orchestrator import STATISTICS, OrchestratorConfig, UserState, served_disagreement
 from fedexits.engine.personalise import PersonalisationConfig
 from fedexits.errors import SettingsError
 
@@ -22,20 +23,33 @@ def population():
 
 # every input explored (40 a day): the CUSUM sees 40 inputs a day, so the alarm level is higher
 TEST_RULES = {"p_expl": 1.0, "min_new_samples": 40, "min_reference": 8, "cusum_alarm": 40.0}
+# per-user thresholds that move on a micro model's few samples (no shared threshold by default)
+TEST_CALIBRATION = CalibrationConfig(rule="margin", drop_tolerance_pp=1.0, thresholds=THRESHOLDS)
 
 
-def lifecycle(model, scenario="writer", policies=("orchestrator",), seed=0, batch_size=16, **orchestrator):
+def lifecycle(
+    model,
+    scenario="writer",
+    policies=("orchestrator",),
+    seed=0,
+    batch_size=16,
+    shared_threshold=None,
+    own_threshold=False,
+    **orchestrator,
+):
     config = LifecycleConfig(
         policies=list(policies),
         seed=seed,
         buffer_size=96,
+        shared_threshold=shared_threshold,
+        own_threshold=own_threshold,
         once_days=1,
         stream=StreamConfig(days=6, inputs_per_day=40),
         drift=DriftConfig(scenario=scenario, share=1.0, first_day=3, last_day=3),
         orchestrator=OrchestratorConfig(**TEST_RULES | orchestrator),
     )
     personalisation = PersonalisationConfig(epochs=5, batch_size=batch_size)
-    return Lifecycle(model, config, personalisation, decode, drop_tolerance_pp=1.0, calibration_margin_z=1.0)
+    return Lifecycle(model, config, personalisation, decode, TEST_CALIBRATION)
 
 
 def decode(images):
@@ -50,17 +64,18 @@ def live(population, lc, user="u0", policy="orchestrator", days=None):
     return state, pd.DataFrame([r.to_dict() for r in records])
 
 
-def test_exploration_statistic_rises_under_drift_and_not_without(population):
+@pytest.mark.parametrize("statistic", STATISTICS)
+def test_exploration_statistic_rises_under_drift_and_not_without(population, statistic):
     model = make_micro_model()
-    _, drifted = live(population, lifecycle(model, "writer"))  # u0's phone goes to u1 on day 3
-    _, steady = live(population, lifecycle(model, "none"))
+    _, drifted = live(population, lifecycle(model, "writer", statistic=statistic))  # u1 takes over on day 3
+    _, steady = live(population, lifecycle(model, "none", statistic=statistic))
     before = drifted.loc[2]  # personalised and calibrated on nights 0-1: the reference is set
     drift_day = drifted.loc[3]
     assert drift_day.explore_loss > 2.0 * drift_day.reference_loss
     assert drift_day.explore_loss > 2.0 * before.explore_loss
     calibrated = steady[steady.reference_loss.notna()]
     assert len(calibrated) >= 4
-    assert (calibrated.explore_loss < 2.0 * calibrated.reference_loss).all()
+    assert drift_day.explore_loss > 2.0 * calibrated.explore_loss.max()
     assert drift_day.cusum > 3 * calibrated.cusum.max()
     assert drifted.drift_flagged.loc[3] and not steady.drift_flagged.any()
 
@@ -78,6 +93,22 @@ def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
     night = after[after.personalised].iloc[0]
     assert night.trigger == "drift" and night.train_samples > 0
     assert (after[after.day <= night.day].threshold == 0.97).all()  # raised until then
+
+
+def test_served_disagreement_counts_the_answers_that_differ_from_the_final_exit():
+    # 2 early exits + final, 4 inputs, 3 classes
+    probs = torch.tensor(
+        [
+            [[0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]],  # exit 0
+            [[0.1, 0.8, 0.1], [0.1, 0.85, 0.05], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],  # exit 1
+            [[0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]],  # final
+        ]
+    )
+    # at 0.75: input 0 leaves at exit 0 (class 0, final says 1), input 1 at exit 1 (agrees),
+    # input 2 at exit 1 (agrees), input 3 at exit 0 (class 2, final says 0)
+    assert served_disagreement(probs, 0.75, [True, True]).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert served_disagreement(probs, 0.75, [False, True]).tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert served_disagreement(probs, 1.0, [True, True]).tolist() == [0.0] * 4  # the final exit serves
 
 
 def test_drift_rule_and_threshold_on_synthetic_losses():
@@ -101,6 +132,29 @@ def test_drift_rule_and_threshold_on_synthetic_losses():
     few.recalibrated(0.4, [True, True], np.abs(rng.normal(1.0, 0.5, 5)))  # too small a reference
     few.explore(np.full(20, 3.0), config.cusum_slack)
     assert not few.drift_rule(config)
+
+
+def test_shared_threshold_serves_from_the_first_day_and_a_drift_without_a_batch_resets(population):
+    shared = 0.9
+    settings = dict(batch_size=32, shared_threshold=shared, raised_threshold=0.97, threshold_deviation=0.01)
+    # about 20 trainable inputs a day: the drift day alone is not a batch of 32
+    _, kept = live(population, lifecycle(make_micro_model(), "writer", **settings))
+    assert (kept.calibrated_threshold == shared).all() and kept.personalised.any()
+    lc = lifecycle(make_micro_model(), "writer", own_threshold=True, **settings)
+    state, timeline = live(population, lc)
+    assert timeline.threshold.iloc[0] == shared and timeline.trigger.iloc[0] == ""  # no calibration yet
+    assert (timeline.calibrated_threshold <= shared).all()  # a certificate may only lower it
+    assert (timeline.calibrated_threshold < shared).any()
+    assert timeline[timeline.drift_flagged].day.min() == 3
+    # the drift night personalises on the samples since the CUSUM rose; still flagged the next
+    # day, with fewer than a batch since then: back to the shared exits at the shared threshold
+    resets = timeline[timeline.trigger == "reset"]
+    assert len(resets) >= 1
+    night = resets.iloc[0]
+    assert night.drift_flagged and not night.personalised and night.train_samples == 0
+    after = timeline.loc[night.day + 1]
+    assert after.threshold <= shared and not after.drift_flagged
+    assert lc.config.shared_threshold == shared and state.day == lc.config.stream.days
 
 
 def test_personalisation_skipped_when_the_data_rule_says_so(population):

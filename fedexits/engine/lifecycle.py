@@ -12,7 +12,13 @@ Policies (`POLICIES`), all on the same streams:
 - `orchestrator+fedavg`: the same, but every personalisation starts from the exits the server
   averaged over last night's personalised users (`start_exits`, when there is an average).
 
-Until a user is calibrated every input goes to the final exit (no head runs): the fail-safe.
+Every policy starts on the shared exits at `LifecycleConfig.shared_threshold`, a threshold
+measured across users (every exit active; each calibration then switches off the exits that
+cost more than they save there). With `own_threshold` a user's calibration (`calibrate` with
+the run's `CalibrationConfig`, Learn-then-Test at 2 pp by default) replaces it once it certifies
+a cheaper one. An
+input the orchestrator explores ran to the final exit, so the final exit answers it. Without a
+shared threshold (None) a user serves every input at the final exit until its first calibration.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ from ..data.split import rng_for, stable_seed
 from ..data.streams import DayInputs
 from ..errors import SettingsError
 from ..models import cost_table
-from .calibration import ExitCosts, calibrate, exits_taken
+from .calibration import CalibrationConfig, ExitCosts, calibrate, cost_only_pruning, exits_taken
 from .features import FrozenFeatures
 from .inference import exit_probabilities
 from .lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from .losses import exit_loss
-from .orchestrator import UserState, exploration_losses
+from .orchestrator import UserState, exploration_statistic
 from .personalise import PersonalisationConfig, personalise, split_validation
 
 EXPLORING = ("orchestrator", "orchestrator+fedavg")
@@ -86,8 +92,9 @@ class DayOutcome:
 class Lifecycle:
     """What every simulated device shares: the frozen model (exits are swapped per user), its
     costs, the settings, and how stored uint8 images become model inputs (`decode`, e.g.
-    `population.model_input`). `drop_tolerance_pp`, `calibration_margin_z` and `prune_exits`
-    are the calibration settings of the one-shot protocol."""
+    `population.model_input`). `calibration`: how a user's own samples may certify a threshold
+    (the run's `calibration` section; its route is ignored: the lifecycle decides on the
+    buffer's validation split)."""
 
     def __init__(
         self,
@@ -95,16 +102,13 @@ class Lifecycle:
         config: LifecycleConfig,
         personalisation: PersonalisationConfig,
         decode: Callable[[np.ndarray], torch.Tensor],
-        drop_tolerance_pp: float,
-        calibration_margin_z: float,
-        prune_exits: bool = True,
+        calibration: CalibrationConfig | None = None,
         latency: ExitCosts | None = None,
     ):
         check_buffer(config, personalisation)
         self.model = model.eval()
         self.config, self.personalisation, self.decode = config, personalisation, decode
-        self.drop_tolerance_pp, self.calibration_margin_z = drop_tolerance_pp, calibration_margin_z
-        self.prune_exits, self.latency = prune_exits, latency
+        self.calibration, self.latency = calibration or CalibrationConfig(), latency
         self.shared_exits = copy.deepcopy(model.exits.state_dict())
         self.cost_table = cost_table(model)
         self.flops = ExitCosts.flops(self.cost_table)
@@ -112,7 +116,13 @@ class Lifecycle:
         self.step_mflops = training_step_mflops(model, personalisation)
 
     def new_state(self) -> UserState:
-        return UserState(self.model.num_exits, self.model.input_shape)
+        """A new device: the shared exits, every exit active at the shared threshold (or, without
+        one, every input to the final exit until the first calibration)."""
+        state = UserState(self.model.num_exits, self.model.input_shape)
+        if self.config.shared_threshold is not None:
+            state.threshold = state.calibrated_threshold = self.config.shared_threshold
+            state.active_exits = [True] * self.model.num_exits
+        return state
 
     def load(self, exits: dict[str, torch.Tensor] | None) -> None:
         """The shared exits, overlaid with `exits` (a user keeps only the exits it changed)."""
@@ -192,9 +202,10 @@ def run_day(
     active = list(state.active_exits)
     taken, explored, losses = _serve(policy, state, lifecycle, inputs, probs)
     predictions = probs.argmax(-1)
+    explored_rows = torch.from_numpy(explored)
+    taken[explored_rows] = lifecycle.model.num_exits  # it ran to the final exit: that answer is served
     served = predictions.gather(0, taken[None])[0]
     mflops = lifecycle.flops.per_exit(active)[taken]
-    mflops[torch.from_numpy(explored)] = lifecycle.flops.per_exit(active)[-1]
     latency = lifecycle.latency.per_exit(active)[taken].mean() if lifecycle.latency else torch.tensor(np.nan)
     measured = inputs.measured
     on = np.asarray(active, bool)
@@ -214,7 +225,7 @@ def run_day(
         inputs=len(inputs),
         measured=int(measured.sum()),
         explored=int(explored.sum()),
-        early_exit_share=_mean(taken < lifecycle.model.num_exits),
+        early_exit_share=_mean(taken < lifecycle.model.num_exits),  # explored inputs count as final
     )
     if explored.any() and on.any():
         record.explore_loss = float(losses[explored].mean())
@@ -250,7 +261,7 @@ def _serve(policy: str, state: UserState, lifecycle: Lifecycle, inputs: DayInput
     losses = np.full(n, np.nan)
     if explores:
         explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < rules.p_expl
-        losses = exploration_losses(probs, active)
+        losses = exploration_statistic(probs, state.threshold, active, rules.statistic)
     taken = torch.empty(n, dtype=torch.long)
     step = rules.check_every if explores else n
     for start in range(0, n, step):
@@ -295,6 +306,8 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         deviated = state.threshold - state.calibrated_threshold >= rules.threshold_deviation - 1e-12
         if len(rows) >= batch and state.drift_flagged and deviated:
             trigger, start = "drift", (None if rules.restart_on_drift else current)
+        elif state.drift_flagged and deviated and config.shared_threshold is not None:
+            trigger = "reset"  # too few samples since the drift to personalise: the shared exits
         elif len(rows) >= batch and state.new_samples >= rules.min_new_samples:
             trigger, start = "data", current
         elif not state.calibrated and first_days_done and len(rows) >= batch:
@@ -302,7 +315,9 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         if trigger in ("drift", "data") and start_exits is not None:
             start = start_exits
     outcome.record.trigger = trigger
-    if trigger == "calibrate":
+    if trigger == "reset":
+        _reset(state, lifecycle, rows, outcome)
+    elif trigger == "calibrate":
         lifecycle.load(state.exits)
         x, y, labelled = _buffered(state, lifecycle, rows)
         _calibrate(state, lifecycle, x, y, labelled)
@@ -322,23 +337,38 @@ def _buffered(state: UserState, lifecycle: Lifecycle, rows: np.ndarray):
     return x, y, torch.from_numpy(state.buffer_labelled[rows])
 
 
+def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: DayOutcome) -> None:
+    """A flagged drift without a batch of new samples: back to the shared exits at the shared
+    threshold, the exploration reference re-based on the samples since the drift (the rule waits
+    for `min_reference` of them); the data rule personalises once enough have arrived."""
+    state.exits = None
+    lifecycle.load(None)
+    if len(rows):
+        _calibrate(state, lifecycle, *_buffered(state, lifecycle, rows))
+        outcome.record.train_mflops = len(rows) * (lifecycle.flops.full + lifecycle.heads_mflops)
+    else:
+        state.recalibrated(lifecycle.config.shared_threshold, [True] * state.num_exits, np.zeros(0))
+
+
 def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
     """Recalibrate the threshold on (x, y) with the model's current exits and re-profile: the
-    calibration's accuracy and cost, and the reference losses of the exploration rule."""
+    calibration's accuracy and cost, and the reference losses of the exploration rule. With a
+    shared threshold the user keeps it, with the exits that do not cost more than they save
+    there (`cost_only_pruning`: confidences and costs, no labels), unless `own_threshold` lets a
+    cheaper certificate of the run's calibration rule replace it."""
     probs = exit_probabilities(lifecycle.model, x)
     targets = torch.where(labelled, y, probs[-1].argmax(-1))
-    calibration = calibrate(  # the "margin" rule: what the lifecycle defaults were measured with
-        probs,
-        targets,
-        lifecycle.cost_table,
-        lifecycle.latency,
-        rule="margin",
-        drop_tolerance_pp=lifecycle.drop_tolerance_pp,
-        prune_exits=lifecycle.prune_exits,
-        margin_z=lifecycle.calibration_margin_z,
-    )
-    losses = exploration_losses(probs, calibration.active_exits)
-    state.recalibrated(calibration.threshold, calibration.active_exits, losses)
+    calibration = calibrate(probs, targets, lifecycle.cost_table, lifecycle.latency, lifecycle.calibration)
+    threshold, active = calibration.threshold, calibration.active_exits
+    config = lifecycle.config
+    certified_cheaper = any(active) and threshold < (config.shared_threshold or 1.0)
+    if config.shared_threshold is not None and not (config.own_threshold and certified_cheaper):
+        threshold, active = config.shared_threshold, [True] * state.num_exits
+        if lifecycle.calibration.prune_exits:
+            confidence = probs[:-1].max(-1).values
+            active = cost_only_pruning(confidence, lifecycle.flops, [threshold])[0].tolist()
+    statistic = config.orchestrator.statistic
+    state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
     state.calibration_accuracy = calibration.accuracy
     state.calibration_mflops = calibration.expected_mflops
 

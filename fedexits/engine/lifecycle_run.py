@@ -1,8 +1,7 @@
 """The lifecycle in one process (notebooks, tests, simulations/): users x days x policies, and the
 measurement behind the minimum-new-samples rule (the paper's Fig. 4).
 
-    lifecycle = Lifecycle(model, LifecycleConfig(), PersonalisationConfig(), population.model_input,
-                          drop_tolerance_pp=1.0, calibration_margin_z=1.0)
+    lifecycle = Lifecycle(model, LifecycleConfig(), PersonalisationConfig(), population.model_input)
     result = run_lifecycle(population, population.held_out_users[:20], lifecycle)
     result.timeline  # one row per user, day and policy (DayRecord fields)
 """

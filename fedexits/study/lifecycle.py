@@ -62,15 +62,12 @@ class LifecycleWorker:
         self.population = build_population(settings.dataset)
         self.users = partition_users(self.population, include_global=False)
         model, _ = load_model(plan.checkpoint)
-        calibration = settings.calibration
         self.lifecycle = Lifecycle(
             model,
             settings.lifecycle,
             settings.personalisation.for_user(settings.seed),  # run_day seeds each night per user
             self.population.model_input,
-            calibration.drop_tolerance_pp,
-            calibration.margin_z,
-            calibration.prune_exits,
+            settings.calibration,
             latency=plan.latency.costs() if plan.latency else None,
         )
 
