@@ -6,6 +6,8 @@
   training.
 - evaluate: the protocol of the message's method (exits, a baseline, a pruning method) for a
   held-out user: evaluate, personalise, calibrate, report.
+- train.live_day (`LIVE_DAY`): lifecycle mode, one day of one user under every policy
+  (`fl/lifecycle_client.py`). One app serves both modes, so `flwr run .` runs either.
 
 A user whose data cannot work (UserDataError) gets a USER_ERROR reply with one line; any other
 exception is a bug: Flower logs its traceback and the server fails the run.
@@ -24,6 +26,8 @@ from ..study.worker import Worker, get_worker
 USER_ERROR = 1000
 # Federated evaluation of the exits (a named action, apart from the personalisation evaluate).
 EVALUATE_EXITS = "evaluate.exits"
+# Lifecycle mode's day (one server round = one day).
+LIVE_DAY = "train.live_day"
 
 app = ClientApp()
 
@@ -101,3 +105,10 @@ def personalise_user(msg: Message, context: Context) -> Message:
     except UserDataError as exc:
         return _user_error(msg, user, exc)
     return Message(RecordDict({"result": ConfigRecord({"record": record.to_json()})}), reply_to=msg)
+
+
+@app.train(LIVE_DAY.split(".")[1])
+def live_day(msg: Message, context: Context) -> Message:
+    from .lifecycle_client import live_day as live  # it imports this module's helpers
+
+    return live(msg, context)

@@ -1,4 +1,5 @@
-"""ClientApp of lifecycle mode: every virtual client is one user; one server round is one day.
+"""Lifecycle mode on the client (the ClientApp's `train.live_day`): every virtual client is one
+user; one server round is one day.
 
 The user's state under every policy (`engine.orchestrator.UserState`: personalised exits,
 threshold, buffer, exploration statistic) lives between rounds in Flower's per-node
@@ -14,18 +15,14 @@ import json
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from ..engine.orchestrator import UserState
 from ..errors import UserDataError
 from ..study.lifecycle import get_lifecycle_worker
-from .client_app import _partition, _user_error, identify
+from .client_app import _partition, _user_error
 
 STATE_PREFIX = "lifecycle"
 FAILED_KEY = f"{STATE_PREFIX}.failed"  # ConfigRecord {"policies": "a,b"}: policies that failed
-
-app = ClientApp()
-app.query()(identify)
 
 
 def load_states(state: RecordDict, policies) -> tuple[dict[str, UserState], set[str]]:
@@ -49,7 +46,6 @@ def save_states(state: RecordDict, states: dict[str, UserState], failed: set[str
     state[FAILED_KEY] = ConfigRecord({"policies": ",".join(sorted(failed))})
 
 
-@app.train()
 def live_day(msg: Message, context: Context) -> Message:
     """Live the round's day under every policy; reply with the day's rows (and, when
     orchestrator+fedavg personalised tonight, its exits for the server's FedAvg)."""

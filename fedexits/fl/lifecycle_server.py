@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from ..study.lifecycle import LifecycleOutcome, lifecycle_users
 from ..study.prepare import Prepared
+from .client_app import LIVE_DAY
 from .server_app import discover_partitions, send_and_collect, to_record, wait_for_nodes
 
 
@@ -44,8 +45,7 @@ def run_lifecycle_days(
         if average is not None:
             content["arrays"] = average
         messages = [
-            Message(RecordDict(content), dst_node_id=node_of[p], message_type=MessageType.TRAIN)
-            for p in living
+            Message(RecordDict(content), dst_node_id=node_of[p], message_type=LIVE_DAY) for p in living
         ]
         replies, missing, unsent = send_and_collect(
             grid, messages, f"day {day + 1}/{config.stream.days}", stopped, sim.max_in_flight, sim.timeout_s

@@ -83,26 +83,22 @@ def run_with_clients(prepared: Prepared, work: Callable[[Grid, dict[int, int]], 
 
 def run_lifecycle_in_simulation_engine(prepared: Prepared):
     """Lifecycle mode (one round = one day; fl/lifecycle_*.py): returns a LifecycleOutcome."""
-    from .lifecycle_client import app as lifecycle_client
     from .lifecycle_server import make_lifecycle_server_app
 
     outcomes: list = []
     stopped = threading.Event()
-    _simulate(
-        prepared, make_lifecycle_server_app(prepared, outcomes.append, stopped), stopped, lifecycle_client
-    )
+    _simulate(prepared, make_lifecycle_server_app(prepared, outcomes.append, stopped), stopped)
     if not outcomes:
         raise RuntimeError("the Flower simulation ended without results (see the log above)")
     return outcomes[0]
 
 
-def _simulate(prepared: Prepared, server_app, stopped: threading.Event, client_app=None) -> None:
+def _simulate(prepared: Prepared, server_app, stopped: threading.Event) -> None:
     """The one call of Flower's simulation engine, its chatter filtered."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    if client_app is None:
-        from .client_app import app as client_app
+    from .client_app import app as client_app
 
     flower = logging.getLogger("flwr")
     flower.propagate = False  # Flower prints its own INFO lines once

@@ -296,12 +296,17 @@ app = ServerApp()
 @app.main()
 def deployment_main(grid: Grid, context: Context) -> None:
     """`flwr run .`: compose the settings from the run config's `overrides`, prepare data and the
-    global model, run the study and write the report into `output-dir`."""
+    global model, run the study (or, with `+experiment=lifecycle`, the days) and write the report
+    into `output-dir`."""
     from ..study.config import compose_config
+    from ..study.lifecycle import write_lifecycle_results
     from ..study.prepare import prepare
     from ..study.results import write_results
+    from .lifecycle_server import run_lifecycle_days
 
     out_dir = str(context.run_config.get("output-dir", "outputs/flwr"))
     prepared = prepare(compose_config(str(context.run_config.get("overrides", "")).split()), run_dir=out_dir)
-    outcome = run_study(grid, prepared)
-    write_results(out_dir, prepared, outcome)
+    if prepared.plan.settings.mode == "lifecycle":
+        write_lifecycle_results(out_dir, prepared, run_lifecycle_days(grid, prepared))
+    else:
+        write_results(out_dir, prepared, run_study(grid, prepared))
