@@ -137,8 +137,10 @@ def main() -> None:
         result, metrics, seconds = run(args, setup, args.policies)
         result.timeline.to_csv(out / "timeline.csv", index=False)
         result.failures.to_csv(out / "failures.csv", index=False)
+        metrics.to_csv(out / "targets.csv")
         print(metrics.round(3).T.to_string())
-        print(f"{args.users} users x {args.days} days x {len(args.policies)} policies: {seconds:.0f} s")
+        users = result.timeline.user.nunique()
+        print(f"{users} users x {args.days} days x {len(args.policies)} policies: {seconds:.0f} s")
         return
     rows = []
     for name, change in args.candidates.items():
