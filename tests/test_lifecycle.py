@@ -286,6 +286,8 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: LifecycleConfig(policies=["sometimes"]), "lifecycle.policies"),
         (lambda: LifecycleConfig(once_days=20, stream=StreamConfig(days=14)), "lifecycle.once_days"),
         (lambda: DriftConfig(scenario="earthquake"), "lifecycle.drift.scenario"),
+        (lambda: OrchestratorConfig(statistic="entropy"), "lifecycle.orchestrator.statistic"),
+        (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),
         (
             lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),
             "lifecycle.buffer_size",

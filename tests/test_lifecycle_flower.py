@@ -102,6 +102,7 @@ def test_report_writes_every_file(tmp_path):
         ("lifecycle.stream.inputs_per_day=0", "lifecycle.stream.inputs_per_day"),
         ("lifecycle.drift.last_day=14", "lifecycle.drift.last_day"),
         ("lifecycle.buffer_size=16", "lifecycle.buffer_size"),
+        ("lifecycle.shared_threshold=-0.2", "lifecycle.shared_threshold"),
         ("personalisation.method=full", "personalisation.method"),
     ],
 )
