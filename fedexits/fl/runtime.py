@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Flower messages that say nothing to a user of this tool (each run would print them).
-_QUIET = ("run_simulation` function is deprecated", "Manually terminating ClientAppActor")
+_QUIET = (
+    "run_simulation` function is deprecated",
+    "Manually terminating ClientAppActor",
+    "fraction_evaluate is set to 0.0",  # lifecycle mode uses FedAvg for its aggregation only
+)
 
 
 class _DropFlowerNoise(logging.Filter):
