@@ -215,6 +215,25 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
             },
         ),
         "",
+    ]
+    lifecycle_only = "policy" in ok_rows and ok_rows["policy"].notna().any() and ok_rows["init"].isna().all()
+    if not lifecycle_only:
+        lines += one_shot_sections(by_exit, headline, method_column, figure_name)
+    lines += [
+        *lifecycle_markdown(table),
+        "## Failed jobs",
+        "",
+    ]
+    lines += [
+        f"- job {row['job']} ({cell(row['label'].split(': ', 1)[-1])}): {cell(row['error'])}"
+        for row in failed.to_dict("records")
+    ] or ["No job failed."]
+    return "\n".join(lines) + "\n"
+
+
+def one_shot_sections(by_exit, headline, method_column: dict, figure_name: str) -> list[str]:
+    """sweep.md's one-shot sections: accuracy per exit, the headline per job and init, the figure."""
+    return [
         "## Mean personalised accuracy per exit",
         "",
         markdown_table(
@@ -264,19 +283,11 @@ def render_sweep_report(table: pd.DataFrame, sweep_dir: Path, figure_name: str) 
             },
         ),
         "",
-        *lifecycle_markdown(table),
         "## Figure",
         "",
         f"![Mean personalised accuracy per exit, one line per job]({figure_name})",
         "",
-        "## Failed jobs",
-        "",
     ]
-    lines += [
-        f"- job {row['job']} ({cell(row['label'].split(': ', 1)[-1])}): {cell(row['error'])}"
-        for row in failed.to_dict("records")
-    ] or ["No job failed."]
-    return "\n".join(lines) + "\n"
 
 
 def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:

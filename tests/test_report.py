@@ -386,4 +386,7 @@ def test_collect_gives_lifecycle_jobs_one_row_per_policy(tmp_path):
     assert nightly.steady_train_gflops_per_user.item() == pytest.approx(3.0)
     markdown = (out / "sweep.md").read_text()
     assert "## Lifecycle per job and policy" in markdown and "+5.00" in markdown
+    assert "1: lifecycle.orchestrator.p_expl=0.3 |" in markdown  # only what the jobs vary
+    assert "## Mean personalised accuracy per exit" not in markdown  # no one-shot job
+    assert worse.drifted_flagged.item() == 1.0
     assert (out / LIFECYCLE_SWEEP_PNG).read_bytes()[:8] == PNG_SIGNATURE

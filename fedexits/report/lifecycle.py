@@ -52,6 +52,7 @@ def target_metrics(timeline: pd.DataFrame, drift_days: Mapping, full_mflops: flo
                 "drifted_within_2pp": (gap <= 2).mean(),
                 "drifted_flops_share": d.mflops.mean() / full_mflops,
                 "median_delay_days": float(delays.median()) if len(delays) else np.nan,
+                "drifted_flagged": float(np.isfinite(delays).mean()) if len(delays) else np.nan,
             }
         s = steady[steady.policy == policy]
         if len(s):

@@ -14,9 +14,9 @@ from .plots import _figure, _no_data
 
 LIFECYCLE_FIELDS = [
     "policy", "drifted_users", "drifted_accuracy", "drifted_final_accuracy", "drifted_gap_pp_mean",
-    "drifted_within_2pp", "drifted_flops_share", "median_delay_days", "steady_users", "steady_accuracy",
-    "steady_final_accuracy", "steady_flops_share", "steady_train_gflops_per_user",
-    "steady_false_alarm_users", "train_gflops_per_user", "accuracy",
+    "drifted_within_2pp", "drifted_flops_share", "median_delay_days", "drifted_flagged",
+    "steady_users", "steady_accuracy", "steady_final_accuracy", "steady_flops_share",
+    "steady_train_gflops_per_user", "steady_false_alarm_users", "train_gflops_per_user", "accuracy",
 ]  # fmt: skip
 LIFECYCLE_SWEEP_PNG = "sweep_lifecycle.png"
 
@@ -36,21 +36,23 @@ def lifecycle_markdown(table: pd.DataFrame) -> list[str]:
     if "policy" not in table or table["policy"].dropna().empty:
         return []
     rows = table[(table["status"] == "ok") & table["policy"].notna()]
+    rows = rows.assign(varying=rows["job"].map(varying_overrides(table)))
     columns = {
-        "label": "job",
+        "varying": "job (overrides that differ)",
         "policy": "policy",
         "drifted_gap_pp_mean": "drifted: gap to final (pp)",
         "drifted_within_2pp": "drifted: within 2 pp",
         "drifted_flops_share": "drifted: FLOPs share",
-        "median_delay_days": "median delay (days)",
+        "median_delay_days": "median delay (days; n/a: most never flagged)",
+        "drifted_flagged": "drifted: flagged",
         "steady_accuracy": "no-drift acc.",
         "steady_train_gflops_per_user": "no-drift train GFLOPs/user",
         "steady_false_alarm_users": "false alarms",
     }
     formats = {
-        "label": lambda label: label.split(": ", 1)[-1],
         "drifted_gap_pp_mean": points,
         "median_delay_days": number,
+        "drifted_flagged": percent,
         "steady_train_gflops_per_user": number,
         **{k: percent for k in ("drifted_within_2pp", "drifted_flops_share", "steady_accuracy")},
         "steady_false_alarm_users": percent,
@@ -66,6 +68,19 @@ def lifecycle_markdown(table: pd.DataFrame) -> list[str]:
         f"![drifted users' gap to the final exit and cost, per job]({LIFECYCLE_SWEEP_PNG})",
         "",
     ]
+
+
+def varying_overrides(table: pd.DataFrame) -> dict:
+    """job -> "job: key=value, ..." over the override columns whose values differ between jobs
+    (the common ones would hide what the sweep varies)."""
+    jobs = table.drop_duplicates("job").set_index("job")
+    overrides = [c for c in jobs.columns if c.startswith("override.")]
+    varying = [c for c in overrides if jobs[c].astype(str).nunique() > 1]
+    return {
+        job: f"{job}: "
+        + (", ".join(f"{c[len('override.') :]}={row[c]}" for c in varying) or "(same overrides)")
+        for job, row in jobs.iterrows()
+    }
 
 
 def plot_lifecycle_sweep(table: pd.DataFrame, path: Path) -> Path:
