@@ -88,9 +88,19 @@ def main() -> None:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        forget_cluster(args.port)
     atomic_write_json(result, args.json)
     print(json.dumps(result, indent=2))
     sys.exit(0 if result.get("exit_code") == 0 and result.get("status") == "ok" else 1)
+
+
+def forget_cluster(port: int) -> None:
+    """Remove the address file `ray start` wrote (`ray stop` would; a killed head does not): a
+    stale one makes every later `ray.init()` without an address, such as Flower's deployment
+    runtime under `flwr run`, wait forever for this dead cluster."""
+    path = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if path.is_file() and path.read_text().strip().endswith(f":{port}"):
+        path.unlink()
 
 
 if __name__ == "__main__":
