@@ -16,9 +16,9 @@ Every policy starts on the shared exits at `LifecycleConfig.shared_threshold`, a
 measured across users (every exit active; each calibration then switches off the exits that
 cost more than they save there). With `own_threshold` a user's calibration (`calibrate` with
 the run's `CalibrationConfig`, Learn-then-Test at 2 pp by default) replaces it once it certifies
-a cheaper one. An
-input the orchestrator explores ran to the final exit, so the final exit answers it. Without a
-shared threshold (None) a user serves every input at the final exit until its first calibration.
+a cheaper one. An input the orchestrator explores ran to the final exit, so the final exit
+answers it. Without a shared threshold (None) a user serves every input at the final exit until
+its first calibration.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..data.split import rng_for, stable_seed
 from ..data.streams import DayInputs
 from ..errors import SettingsError
 from ..models import cost_table
-from .calibration import CalibrationConfig, ExitCosts, calibrate, cost_only_pruning, exits_taken
+from .calibration import CalibrationConfig, ExitCosts, calibrate, cost_only_pruning, exits_taken, sweep
 from .features import FrozenFeatures
 from .inference import exit_probabilities
 from .lifecycle_config import POLICIES, LifecycleConfig, check_buffer
@@ -137,6 +137,10 @@ class Lifecycle:
         changed = {_head(n) for n, t in current.items() if not torch.equal(t, self.shared_exits[n])}
         return {n: t.clone() for n, t in current.items() if _head(n) in changed}
 
+    def calibration_mflops(self, n: int) -> float:
+        """A calibration's compute: every exit and the final classifier over `n` samples."""
+        return n * (self.flops.full + self.heads_mflops)
+
     def personalisation_mflops(self, n_train: int, n_val: int) -> float:
         """Tonight's personalisation compute, derived from the cost table and the flop counter's
         count of one training step: the frozen network once over the samples (feature cache; every
@@ -146,7 +150,7 @@ class Lifecycle:
         cached = p.cache and not p.augment
         backbone = (n_train + n_val) * full if cached else (p.epochs * n_train + n_val) * full
         guard = 2 * n_val * self.heads_mflops
-        return backbone + p.epochs * n_train * self.step_mflops + guard + n_val * (full + self.heads_mflops)
+        return backbone + p.epochs * n_train * self.step_mflops + guard + self.calibration_mflops(n_val)
 
 
 def _head(name: str) -> str:
@@ -321,7 +325,7 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         lifecycle.load(state.exits)
         x, y, labelled = _buffered(state, lifecycle, rows)
         _calibrate(state, lifecycle, x, y, labelled)
-        outcome.record.train_mflops = len(rows) * (lifecycle.flops.full + lifecycle.heads_mflops)
+        outcome.record.train_mflops = lifecycle.calibration_mflops(len(rows))
         outcome.record.train_samples = len(rows)
     elif trigger:
         _personalise(
@@ -345,7 +349,7 @@ def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: Da
     lifecycle.load(None)
     if len(rows):
         _calibrate(state, lifecycle, *_buffered(state, lifecycle, rows))
-        outcome.record.train_mflops = len(rows) * (lifecycle.flops.full + lifecycle.heads_mflops)
+        outcome.record.train_mflops = lifecycle.calibration_mflops(len(rows))
     else:
         state.recalibrated(lifecycle.config.shared_threshold, [True] * state.num_exits, np.zeros(0))
 
@@ -360,17 +364,18 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
     targets = torch.where(labelled, y, probs[-1].argmax(-1))
     calibration = calibrate(probs, targets, lifecycle.cost_table, lifecycle.latency, lifecycle.calibration)
     threshold, active = calibration.threshold, calibration.active_exits
-    config = lifecycle.config
-    certified_cheaper = any(active) and threshold < (config.shared_threshold or 1.0)
-    if config.shared_threshold is not None and not (config.own_threshold and certified_cheaper):
-        threshold, active = config.shared_threshold, [True] * state.num_exits
+    config, shared = lifecycle.config, lifecycle.config.shared_threshold
+    certified_cheaper = shared is not None and any(active) and threshold < shared
+    if shared is not None and not (config.own_threshold and certified_cheaper):
+        threshold, active = shared, [True] * state.num_exits
         if lifecycle.calibration.prune_exits:
             confidence = probs[:-1].max(-1).values
             active = cost_only_pruning(confidence, lifecycle.flops, [threshold])[0].tolist()
     statistic = config.orchestrator.statistic
     state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
-    state.calibration_accuracy = calibration.accuracy
-    state.calibration_mflops = calibration.expected_mflops
+    profile = sweep(probs, targets, lifecycle.flops, active, thresholds=[threshold]).iloc[0]
+    state.calibration_accuracy = float(profile["accuracy"])  # the profile of what is served
+    state.calibration_mflops = float(profile["expected_mflops"])
 
 
 def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome) -> None:
