@@ -71,13 +71,17 @@ def test_exploration_statistic_rises_under_drift_and_not_without(population, sta
     _, steady = live(population, lifecycle(model, "none", statistic=statistic))
     before = drifted.loc[2]  # personalised and calibrated on nights 0-1: the reference is set
     drift_day = drifted.loc[3]
+    calibrated = steady[steady.cusum.notna()]
+    assert len(calibrated) >= 4
+    assert drifted.drift_flagged.loc[3] and not steady.drift_flagged.any()
+    if statistic == "feature_shift":  # the window's z, against the calibration samples' features
+        alarm = OrchestratorConfig().shift_alarm
+        assert drift_day.cusum > alarm > calibrated.cusum.max() and before.cusum < alarm
+        return
     assert drift_day.explore_loss > 2.0 * drift_day.reference_loss
     assert drift_day.explore_loss > 2.0 * before.explore_loss
-    calibrated = steady[steady.reference_loss.notna()]
-    assert len(calibrated) >= 4
     assert drift_day.explore_loss > 2.0 * calibrated.explore_loss.max()
     assert drift_day.cusum > 3 * calibrated.cusum.max()
-    assert drifted.drift_flagged.loc[3] and not steady.drift_flagged.any()
 
 
 def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
@@ -93,6 +97,25 @@ def test_threshold_raised_to_thr_prime_when_the_rule_fires(population):
     night = after[after.personalised].iloc[0]
     assert night.trigger == "drift" and night.train_samples > 0
     assert (after[after.day <= night.day].threshold == 0.97).all()  # raised until then
+
+
+def test_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
+    rng = np.random.default_rng(0)
+    scale = np.array([0.1, 1.0, 5.0, 20.0, 3.0, 0.5])  # channels on very different scales
+    mixing = np.eye(6) + 0.8 * np.eye(6, k=1)  # correlated neighbours: fewer effective channels
+    draw = lambda n, shift=0.0: (rng.normal(size=(n, 6)) @ mixing + shift) * scale + 3.0  # noqa: E731
+    state = UserState(2, (1, 4, 4))
+    state.set_feature_reference(draw(200))
+    assert 1.5 < state.feature_dof < 6
+    window, z = 20, []
+    for _ in range(300):
+        state.window_features = state.window_features[:0]
+        state.observe_features(draw(window), window)
+        z.append(state.cusum)
+    z = np.array(z)
+    assert abs(z.mean()) < 0.75 and 0.6 < z.std() < 1.6  # about standard without a shift (one reference)
+    state.observe_features(draw(window, shift=1.0), window)  # a one-sd shift of every channel
+    assert state.cusum > 3 * z.max()
 
 
 def test_served_disagreement_counts_the_answers_that_differ_from_the_final_exit():
@@ -203,6 +226,7 @@ def test_state_round_trips_through_arrays_exactly(population):
     for day in range(3):
         run_day("orchestrator", state, lc, stream.day(day))
     assert state.exits is not None and state.buffered > 0 and state.explored > 0
+    assert len(state.feature_mean) > 0 and len(state.feature_sd) == len(state.feature_mean)
     arrays, scalars = state.to_arrays()
     restored = UserState.from_arrays(arrays, scalars)
     again, scalars_again = restored.to_arrays()

@@ -16,6 +16,10 @@ import torch
 from .device import module_device
 
 
+def _pool(features: torch.Tensor) -> torch.Tensor:
+    return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -108,6 +112,18 @@ class FrozenFeatures:
             for k in range(self.model.num_exits)
         ]
         return features, self.final_logits[index]
+
+    @torch.no_grad()
+    def pooled(self, exit_index: int = 0) -> torch.Tensor:
+        """(N, C) the features at exit `exit_index`'s attach point, averaged over space: a
+        summary of what the frozen network sees (the orchestrator's feature-shift rule)."""
+        if exit_index in self.cached_features:
+            return _pool(self.cached_features[exit_index]).cpu()
+        parts = [
+            _pool(self.model.backbone_features(self.x[sl], upto=exit_index + 1)[0][exit_index])
+            for sl in _chunks(len(self.x), self.chunk_size)
+        ]
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, 0)
 
     @torch.no_grad()
     def exit_probabilities(self, model=None) -> torch.Tensor:

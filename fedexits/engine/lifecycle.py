@@ -69,9 +69,9 @@ class DayRecord:
     measured: int = 0
     explored: int = 0
     early_exit_share: float = float("nan")
-    explore_loss: float = float("nan")  # today's mean exploration loss (selected exits vs final)
+    explore_loss: float = float("nan")  # today's mean exploration loss (loss rules: selected exits vs final)
     reference_loss: float = float("nan")  # its mean on the calibration samples
-    cusum: float = float("nan")  # the drift statistic at the end of the day
+    cusum: float = float("nan")  # the drift statistic at the end of the day (CUSUM S, or feature-shift z)
     buffered: int = 0
     new_samples: int = 0
     train_samples: int = 0
@@ -202,9 +202,10 @@ def run_day(
             f"user {inputs.user}: the state is at day {state.day}, the inputs are of day {inputs.day}"
         )
     lifecycle.load(state.exits)
-    probs = (features or day_features(lifecycle, inputs)).exit_probabilities()
+    features = features or day_features(lifecycle, inputs)
+    probs = features.exit_probabilities()
     active = list(state.active_exits)
-    taken, explored, losses = _serve(policy, state, lifecycle, inputs, probs)
+    taken, explored, losses = _serve(policy, state, lifecycle, inputs, probs, features)
     predictions = probs.argmax(-1)
     explored_rows = torch.from_numpy(explored)
     taken[explored_rows] = lifecycle.model.num_exits  # it ran to the final exit: that answer is served
@@ -231,8 +232,9 @@ def run_day(
         explored=int(explored.sum()),
         early_exit_share=_mean(taken < lifecycle.model.num_exits),  # explored inputs count as final
     )
-    if explored.any() and on.any():
-        record.explore_loss = float(losses[explored].mean())
+    if explored.any() and on.any() and not np.isnan(losses).all():
+        record.explore_loss = float(np.nanmean(losses[explored]))
+    if policy in EXPLORING and state.calibrated and on.any():
         record.cusum = state.cusum
     if state.calibrated and on.any():
         record.reference_loss = state.reference_mean
@@ -254,10 +256,11 @@ def run_day(
     return outcome
 
 
-def _serve(policy: str, state: UserState, lifecycle: Lifecycle, inputs: DayInputs, probs: torch.Tensor):
+def _serve(policy, state: UserState, lifecycle: Lifecycle, inputs: DayInputs, probs, features):
     """Inference and exploration phases: where each input leaves, which inputs were explored and
-    their exploration losses. The drift rule is checked every `check_every` inputs; once it fires
-    the raised threshold serves the rest of the day."""
+    their exploration losses (loss rules; nan for feature_shift, which watches every input's
+    features instead). The drift rule is checked every `check_every` inputs; once it fires the
+    raised threshold serves the rest of the day."""
     config, rules = lifecycle.config, lifecycle.config.orchestrator
     n, active = len(inputs), list(state.active_exits)
     explores = policy in EXPLORING
@@ -265,16 +268,22 @@ def _serve(policy: str, state: UserState, lifecycle: Lifecycle, inputs: DayInput
     losses = np.full(n, np.nan)
     if explores:
         explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < rules.p_expl
-        losses = exploration_statistic(probs, state.threshold, active, rules.statistic)
+        if rules.statistic == "feature_shift":
+            pooled = features.pooled().double().numpy()
+        else:
+            losses = exploration_statistic(probs, state.threshold, active, rules.statistic)
     taken = torch.empty(n, dtype=torch.long)
     step = rules.check_every if explores else n
     for start in range(0, n, step):
         at = slice(start, min(n, start + step))
         taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
-        if explores:
+        if explores and rules.statistic == "feature_shift":
+            state.observe_features(pooled[at], rules.shift_window)
+            state.explored += int(explored[at].sum())
+        elif explores:
             state.explore(losses[at][explored[at]], rules.cusum_slack)
-            if not state.drift_flagged and state.drift_rule(rules):
-                state.flag_drift(rules)
+        if explores and not state.drift_flagged and state.drift_rule(rules):
+            state.flag_drift(rules)
     return taken, explored, losses
 
 
@@ -354,9 +363,10 @@ def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: Da
         state.recalibrated(lifecycle.config.shared_threshold, [True] * state.num_exits, np.zeros(0))
 
 
-def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
+def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference_x=None) -> None:
     """Recalibrate the threshold on (x, y) with the model's current exits and re-profile: the
-    calibration's accuracy and cost, and the reference losses of the exploration rule. With a
+    calibration's accuracy and cost, and the reference of the drift statistic (for
+    `feature_shift`, on `reference_x`: every sample personalisation used, default x). With a
     shared threshold the user keeps it, with the exits that do not cost more than they save
     there (`cost_only_pruning`: confidences and costs, no labels), unless `own_threshold` lets a
     cheaper certificate of the run's calibration rule replace it."""
@@ -372,7 +382,13 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled) -> None:
             confidence = probs[:-1].max(-1).values
             active = cost_only_pruning(confidence, lifecycle.flops, [threshold])[0].tolist()
     statistic = config.orchestrator.statistic
-    state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
+    if statistic == "feature_shift":
+        state.recalibrated(threshold, active, np.zeros(0))
+        reference = x if reference_x is None else reference_x
+        pooled = FrozenFeatures(lifecycle.model, reference, cache=False).pooled().double().numpy()
+        state.set_feature_reference(pooled)  # a by-product of the frozen network: no extra cost
+    else:
+        state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
     profile = sweep(probs, targets, lifecycle.flops, active, thresholds=[threshold]).iloc[0]
     state.calibration_accuracy = float(profile["accuracy"])  # the profile of what is served
     state.calibration_mflops = float(profile["expected_mflops"])
@@ -384,7 +400,7 @@ def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int,
     lifecycle.load(start)
     result = personalise(lifecycle.model, x, y, labelled, config)
     calib = split_validation(len(x), config.val_fraction, seed)[1] if config.guard else torch.arange(len(x))
-    _calibrate(state, lifecycle, x[calib], y[calib], labelled[calib])
+    _calibrate(state, lifecycle, x[calib], y[calib], labelled[calib], reference_x=x)
     state.exits = lifecycle.changed_exits()
     state.personalisations += 1
     state.last_personalised_day = state.day

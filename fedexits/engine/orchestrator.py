@@ -3,12 +3,20 @@
 Three phases:
 - *Inference*: every input is served by the selected (active) exits at the active threshold.
 - *Exploration*: with probability `p_expl` an input also runs to the final exit (which then
-  answers it). Its loss (`statistic`, see `exploration_statistic`) is by default whether the
-  answer the active threshold would have served differs from the final exit's; the paper's
-  loss, the cross-entropy of each selected early exit against the final exit's top-1 (capped at
-  ln(classes)) averaged over the selected exits, is `statistic="cross_entropy"`. The paper
-  asks whether the exits' average loss *stays* higher than at calibration time; we answer with a
-  one-sided CUSUM on that loss, standardised by its calibration mean and standard deviation:
+  answers it). The paper flags a drift when the exits' loss against the final exit on explored
+  inputs *stays* higher than at calibration time. What the rule tracks is `statistic`. By
+  default, `feature_shift`: a label-free test of the paper's premise, "the input distribution
+  has shifted", on every input, needing no exploration. The first exit's features (computed for
+  every input anyway), averaged over space, of the last `shift_window` inputs are compared with
+  the calibration samples': z = (T - 1) / sqrt(2 / dof), T the mean over channels of the squared
+  standardised difference of means (about 1 without a shift), dof the channels' effective
+  number (C^2 / sum of squared correlations on the calibration samples); drift when
+  z > `shift_alarm`. It was chosen because on the tuning users the writer drift did not raise
+  the exits' loss (the shared exits hold up on the new writer) and no loss rule flagged it.
+  The loss rules: the paper's cross-entropy of each selected early exit against the final exit's
+  top-1 (capped at ln(classes)) averaged over the selected exits (`statistic="cross_entropy"`),
+  or whether the served answer differs from the final exit's (`"disagreement"`), on explored
+  inputs, with a one-sided CUSUM standardised by the loss's calibration mean and deviation:
   S <- max(0, S + z - `cusum_slack`), drift when S > `cusum_alarm`. Only a persistent rise
   accumulates; the state is one number, and the day S last left zero estimates when the drift
   began. (The paper tracks every exit; one statistic over the selected exits avoids testing up to
@@ -39,8 +47,9 @@ import torch
 from ..errors import SettingsError
 from .calibration import exits_taken
 
-STATISTICS = ("disagreement", "cross_entropy")
-SD_FLOOR = 0.25  # nats: a calibration spread below this is treated as this (no division by ~0)
+STATISTICS = ("feature_shift", "disagreement", "cross_entropy")
+SD_FLOOR = 0.25  # a calibration spread of the statistic below this is treated as this (no division by ~0)
+FEATURE_SD_FLOOR = 1e-3  # per channel, relative to the mean spread: a constant channel adds nothing
 
 
 @dataclass
@@ -51,7 +60,9 @@ class OrchestratorConfig:
     # statistic at the shared threshold, so exploration bought no detection, and at 0.1 drifted
     # users spent 61% of the full network's FLOPs against the 60% allowed (README)
     p_expl: float = 0.05  # probability that an input also runs to the final exit
-    statistic: str = "disagreement"  # the exploration loss (STATISTICS; `exploration_statistic`)
+    statistic: str = "feature_shift"  # what the drift rule tracks (STATISTICS)
+    shift_window: int = 20  # feature_shift: inputs compared with the calibration samples (one day)
+    shift_alarm: float = 6.0  # feature_shift: alarm level of z
     cusum_slack: float = 0.5  # CUSUM slack k, in calibration standard deviations per input
     cusum_alarm: float = 4.0  # CUSUM alarm level h, in calibration standard deviations
     min_reference: int = 10  # calibration samples needed before the drift rule may fire
@@ -67,6 +78,8 @@ class OrchestratorConfig:
         checks = [
             ("p_expl", 0 <= self.p_expl <= 1, "in [0, 1]"),
             ("statistic", self.statistic in STATISTICS, f"one of {', '.join(STATISTICS)}"),
+            ("shift_window", self.shift_window >= 2, "an integer >= 2"),
+            ("shift_alarm", self.shift_alarm > 0, "> 0"),
             ("cusum_slack", self.cusum_slack >= 0, ">= 0"),
             ("cusum_alarm", self.cusum_alarm > 0, "> 0"),
             ("min_reference", self.min_reference >= 2, "an integer >= 2"),
@@ -103,8 +116,13 @@ class UserState:
     reference_mean: float = math.nan  # exploration loss on the calibration samples: mean ...
     reference_sd: float = math.nan  # ... standard deviation ...
     reference_n: int = 0  # ... and how many samples
-    cusum: float = 0.0  # the drift statistic S, in reference standard deviations
-    cusum_start_day: int = 0  # the day S last left zero
+    feature_mean: np.ndarray = None  # float64 (C,): the first exit's pooled features on the ...
+    feature_sd: np.ndarray = None  # ... calibration samples: their mean and spread per channel ...
+    feature_dof: float = math.nan  # ... and the channels' effective number
+    window_features: np.ndarray = None  # float32 (<= shift_window, C): the latest inputs' ...
+    window_days: np.ndarray = None  # ... and their days
+    cusum: float = 0.0  # the drift statistic: CUSUM S (loss rules) or the window's z (feature_shift)
+    cusum_start_day: int = 0  # the day the drift began, by the statistic's estimate
     explored: int = 0  # inputs explored since the last calibration
     drift_flagged: bool = False
     flagged_day: int = -1
@@ -128,6 +146,10 @@ class UserState:
             "buffer_labels": np.zeros(0, np.int64),
             "buffer_labelled": np.zeros(0, bool),
             "buffer_day": np.zeros(0, np.int64),
+            "feature_mean": np.zeros(0),
+            "feature_sd": np.zeros(0),
+            "window_features": np.zeros((0, 0), np.float32),
+            "window_days": np.zeros(0, np.int64),
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -161,7 +183,7 @@ class UserState:
 
     # -- exploration statistic ---------------------------------------------------------------
     def explore(self, losses: np.ndarray, slack: float) -> None:
-        """Feed explored inputs' losses (n,), in arrival order, to the CUSUM."""
+        """Feed losses (n,) of monitored inputs, in arrival order, to the CUSUM."""
         sd = max(self.reference_sd, SD_FLOOR)
         for loss in losses.tolist():
             rise = (loss - self.reference_mean) / sd - slack
@@ -172,15 +194,49 @@ class UserState:
 
     def drift_rule(self, config: OrchestratorConfig) -> bool:
         """True once the exploration loss has stayed above its calibration reference long enough
-        for the CUSUM to pass the alarm level."""
+        for the CUSUM to pass the alarm level, or (feature_shift) once the latest window's z
+        passes `shift_alarm`."""
         monitored = self.calibrated and any(self.active_exits) and self.reference_n >= config.min_reference
-        return monitored and self.cusum > config.cusum_alarm
+        alarm = config.shift_alarm if config.statistic == "feature_shift" else config.cusum_alarm
+        return monitored and self.cusum > alarm
 
     def flag_drift(self, config: OrchestratorConfig) -> None:
         self.drift_flagged = True
         self.flagged_day = self.day
         self.threshold = max(self.threshold, config.raised_threshold)
         self.train_from_day = max(self.train_from_day, self.cusum_start_day)
+
+    def set_feature_reference(self, pooled: np.ndarray) -> None:
+        """The reference of `feature_shift` from the calibration samples' pooled first-exit
+        features (n, C): mean, spread and effective number of channels; the window restarts."""
+        self.reference_n = len(pooled)
+        self.window_features = np.zeros((0, pooled.shape[1]), np.float32)
+        self.window_days = np.zeros(0, np.int64)
+        if len(pooled) < 2:
+            self.feature_mean, self.feature_sd, self.feature_dof = np.zeros(0), np.zeros(0), math.nan
+            return
+        sd = pooled.std(0, ddof=1)
+        self.feature_mean = pooled.mean(0)
+        self.feature_sd = np.maximum(sd, FEATURE_SD_FLOOR * max(sd.mean(), 1e-12))
+        correlation = np.nan_to_num(np.corrcoef((pooled / self.feature_sd).T), nan=0.0)
+        np.fill_diagonal(correlation, 1.0)
+        self.feature_dof = float(len(sd) ** 2 / (correlation**2).sum())
+
+    def observe_features(self, pooled: np.ndarray, window: int) -> None:
+        """Append inputs' pooled features (n, C), keep the latest `window`, and when the window is
+        full, test it: `cusum` <- z, `cusum_start_day` <- the day of its oldest input. Nothing
+        is kept before the first reference."""
+        if not len(self.feature_sd):
+            return
+        self.window_features = np.concatenate([self.window_features, pooled.astype(np.float32)])[-window:]
+        self.window_days = np.concatenate([self.window_days, np.full(len(pooled), self.day)])[-window:]
+        if len(self.window_features) < window:
+            return
+        n, m = len(self.window_features), self.reference_n
+        difference = (self.window_features.mean(0) - self.feature_mean) / self.feature_sd
+        t = float((difference**2 / (1 / n + 1 / m)).mean())
+        self.cusum = (t - 1) / math.sqrt(2 / self.feature_dof)
+        self.cusum_start_day = int(self.window_days[0])
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
         """A new calibration: threshold and exits from `engine.calibrate`, the reference of the
@@ -262,15 +318,11 @@ def served_disagreement(probs: torch.Tensor, threshold: float, active: list[bool
     return (predictions.gather(0, taken[None])[0] != predictions[-1]).double().numpy()
 
 
-def exploration_statistic(
-    probs: torch.Tensor, threshold: float, active: list[bool], statistic: str
-) -> np.ndarray:
-    """(n,) the exploration loss the drift rule tracks. "disagreement" (default): does the served
-    answer differ from the final exit's (`served_disagreement`)? It measures exactly what the
-    fail-safe promise is about, at the threshold in use. "cross_entropy" (`exploration_losses`):
-    the paper's loss of every selected exit against the final exit. On the tuning users neither
-    flagged the writer drift (it did not hurt the exits); disagreement raised half the false
-    alarms among users without drift (1 of 7 against 2 of 7)."""
+def exploration_statistic(probs: torch.Tensor, threshold: float, active: list[bool], statistic: str):
+    """(n,) the loss a loss rule tracks per input. "disagreement" (`served_disagreement`): does
+    the served answer differ from the final exit's, what the fail-safe promise is about.
+    "cross_entropy" (`exploration_losses`): the paper's loss of every selected exit against the
+    final exit."""
     if statistic == "disagreement":
         return served_disagreement(probs, threshold, active)
     return exploration_losses(probs, active)
