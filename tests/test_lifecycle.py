@@ -160,6 +160,7 @@ def test_drift_rule_and_threshold_on_synthetic_losses():
 def test_shared_threshold_serves_from_the_first_day_and_a_drift_without_a_batch_resets(population):
     shared = 0.9
     settings = dict(batch_size=32, shared_threshold=shared, raised_threshold=0.97, threshold_deviation=0.01)
+    settings |= dict(statistic="disagreement")  # a loss rule: it stays flagged the day after the drift
     # about 20 trainable inputs a day: the drift day alone is not a batch of 32
     _, kept = live(population, lifecycle(make_micro_model(), "writer", **settings))
     assert (kept.calibrated_threshold == shared).all() and kept.personalised.any()
@@ -311,6 +312,8 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: LifecycleConfig(once_days=20, stream=StreamConfig(days=14)), "lifecycle.once_days"),
         (lambda: DriftConfig(scenario="earthquake"), "lifecycle.drift.scenario"),
         (lambda: OrchestratorConfig(statistic="entropy"), "lifecycle.orchestrator.statistic"),
+        (lambda: OrchestratorConfig(statistic="disagreement", p_expl=0), "lifecycle.orchestrator.p_expl"),
+        (lambda: OrchestratorConfig(shift_window=1), "lifecycle.orchestrator.shift_window"),
         (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),
         (
             lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),
