@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.split import rng_for, stable_seed
 from ..data.streams import DayInputs
@@ -39,9 +38,8 @@ from .calibration import CalibrationConfig, ExitCosts, calibrate, cost_only_prun
 from .features import FrozenFeatures
 from .inference import exit_probabilities
 from .lifecycle_config import POLICIES, LifecycleConfig, check_buffer
-from .losses import exit_loss
 from .orchestrator import UserState, exploration_statistic
-from .personalise import PersonalisationConfig, personalise, split_validation
+from .personalise import PersonalisationConfig, personalise, split_validation, training_step_mflops
 
 EXPLORING = ("orchestrator", "orchestrator+fedavg")
 TIMING_COLUMNS = ("personalise_s",)  # differ between runs with the same seed
@@ -155,21 +153,6 @@ class Lifecycle:
 
 def _head(name: str) -> str:
     return name.split(".", 1)[0]
-
-
-def training_step_mflops(model, config: PersonalisationConfig) -> float:
-    """MFLOPs per sample of one personalisation step (heads forward and backward), counted by
-    torch's flop counter on one batch of cached features, on a copy of the heads."""
-    batch = max(2, config.batch_size)
-    with torch.no_grad():
-        features, final_logits = model.backbone_features(torch.zeros(batch, *model.input_shape))
-    heads = copy.deepcopy(model.exits).train()
-    labels = torch.zeros(batch, dtype=torch.long)
-    labelled = torch.ones(batch, dtype=torch.bool)
-    with FlopCounterMode(display=False) as counter:
-        logits = [head(f) for head, f in zip(heads, features)]
-        sum(exit_loss(z, final_logits, labels, labelled, config.loss_weights()) for z in logits).backward()
-    return counter.get_total_flops() / batch / 1e6
 
 
 def day_features(lifecycle: Lifecycle, inputs: DayInputs) -> FrozenFeatures:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import SettingsError, UserDataError, check_settings
 from .device import module_device
@@ -348,3 +349,18 @@ METHODS = {
     "full": finetune_full,
     "none": no_personalisation,
 }
+
+
+def training_step_mflops(model, config: PersonalisationConfig) -> float:
+    """MFLOPs per sample of one personalisation step (heads forward and backward), counted by
+    torch's flop counter on one batch of cached features, on a copy of the heads."""
+    batch = max(2, config.batch_size)
+    with torch.no_grad():
+        features, final_logits = model.backbone_features(torch.zeros(batch, *model.input_shape))
+    heads = copy.deepcopy(model.exits).train()
+    labels = torch.zeros(batch, dtype=torch.long)
+    labelled = torch.ones(batch, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        logits = [head(f) for head, f in zip(heads, features)]
+        sum(exit_loss(z, final_logits, labels, labelled, config.loss_weights()) for z in logits).backward()
+    return counter.get_total_flops() / batch / 1e6
