@@ -215,8 +215,8 @@ def run_day(
         explored=int(explored.sum()),
         early_exit_share=_mean(taken < lifecycle.model.num_exits),  # explored inputs count as final
     )
-    if explored.any() and on.any() and not np.isnan(losses).all():
-        record.explore_loss = float(np.nanmean(losses[explored]))
+    if explored.any() and on.any() and lifecycle.config.orchestrator.statistic != "feature_shift":
+        record.explore_loss = float(losses[explored].mean())
     if policy in EXPLORING and state.calibrated and on.any():
         record.cusum = state.cusum
     if state.calibrated and on.any():
@@ -369,7 +369,9 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
         state.recalibrated(threshold, active, np.zeros(0))
         reference = x if reference_x is None else reference_x
         pooled = FrozenFeatures(lifecycle.model, reference, cache=False).pooled().double().numpy()
-        state.set_feature_reference(pooled)  # a by-product of the frozen network: no extra cost
+        # not charged: on a device these features come with the night's backbone pass over the
+        # buffer; the simulation recomputes the first blocks instead of threading them through
+        state.set_feature_reference(pooled)
     else:
         state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
     profile = sweep(probs, targets, lifecycle.flops, active, thresholds=[threshold]).iloc[0]
