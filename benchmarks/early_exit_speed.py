@@ -8,8 +8,10 @@ against the plain network, in both runtimes (median of --repeats, all in this ru
 round-robin). The plain network is the single full graph in ONNX Runtime and `forward_to_exit`
 in PyTorch. Reported for batch 1 (a phone classifying one image at a time) and for the whole test
 split as one batch (exited samples are dropped from the batch). The FLOP-predicted speedup at the
-same threshold comes from the cost table. ONNX Runtime's predictions are checked against
-PyTorch's dynamic inference.
+same threshold comes from the cost table. Between the two sits the oracle speedup: each sample
+timed as the network truncated at the exit it takes (ONNX Runtime's latency profile), i.e. what
+the runtime's own cost per FLOP allows before early exit adds earlier heads and graph
+boundaries. ONNX Runtime's predictions are checked against PyTorch's dynamic inference.
 
     python benchmarks/early_exit_speed.py --json results/early_exit_speed.json [hydra overrides]
 """
@@ -111,11 +113,12 @@ def prediction_mismatches(model, runner, x, thresholds, reference) -> int:
     return int((differ & ~near).sum())
 
 
-def exit_overhead(runner: OnnxEarlyExit, table) -> dict:
+def exit_overhead(latency, table) -> dict:
     """What an early exit costs in ONNX Runtime at batch 1 beyond its head's FLOPs, in MFLOPs of
     backbone compute (at the whole network's ms per MFLOP): per-operator dispatch and the graph
-    boundary, which FLOPs do not see. The value for `calibration.exit_overhead_mflops`."""
-    latency = runner.measure_latency(batch_sizes=[1]).set_index("exit")
+    boundary, which FLOPs do not see. The value for `calibration.exit_overhead_mflops`.
+    `latency`: `OnnxEarlyExit.measure_latency`'s table."""
+    latency = latency[latency["batch_size"] == 1].set_index("exit")
     full = len(table) - 1
     ms_per_mflop = latency.loc[full, "latency_ms"] / table["mflops"].iloc[-1]
     heads = latency.loc[: full - 1, "head_ms"].to_numpy() / ms_per_mflop - table["head_mflops"].iloc[:-1]
@@ -125,6 +128,20 @@ def exit_overhead(runner: OnnxEarlyExit, table) -> dict:
         "exit_overhead_mflops": [float(h) for h in heads],
         "exit_overhead_mflops_median": float(statistics.median(heads)),
     }
+
+
+def oracle_seconds(latency, exit_taken: torch.Tensor) -> dict:
+    """Seconds if every sample ran only the network truncated at the exit it takes (an oracle
+    that knows the exit beforehand: no earlier heads, no graph boundaries, no host loop), at
+    batch 1 and per sample at the largest profiled batch. The speedup this allows is the ceiling
+    that the runtime's own cost per FLOP sets, before any early-exit overhead."""
+    counts = torch.bincount(exit_taken, minlength=int(latency["exit"].max()) + 1).numpy()
+    out = {}
+    for key, b in (("oracle_b1_s", 1), ("oracle_batch_s", int(latency["batch_size"].max()))):
+        per_sample = latency[latency["batch_size"] == b].sort_values("exit")["per_sample_ms"].to_numpy()
+        out[key] = float(counts @ per_sample) / 1000
+        out[key.replace("oracle", "oracle_full")] = float(counts.sum() * per_sample[-1]) / 1000
+    return out
 
 
 def ratio(rows, slow: str, fast: str) -> float:
@@ -162,7 +179,8 @@ def main() -> None:
             )
             runner = OnnxEarlyExit(manifest, threads=args.threads)
             if overhead is None:  # once: the backbone and the heads' shapes are every user's
-                overhead = exit_overhead(runner, table)
+                latency = runner.measure_latency()
+                overhead = exit_overhead(latency, table)
                 extra = overhead["exit_overhead_mflops_median"]
                 print(f"an early exit costs {extra:.2f} MFLOPs beyond its head (median)")
             dynamic = dynamic_inference(model, x, thresholds, table)
@@ -178,6 +196,7 @@ def main() -> None:
                     "mflops_dynamic": dynamic.total_mflops,
                     "mflops_full": full.total_mflops,
                     "prediction_mismatches": prediction_mismatches(model, runner, x, thresholds, dynamic),
+                    **oracle_seconds(latency, dynamic.exit_taken),
                     **time_user(deployed(model), runner, table, x, thresholds, args.repeats),
                 }
             )
@@ -196,6 +215,8 @@ def main() -> None:
         "speedup_at_1pp_batch1": ratio(rows, "ort_full_b1_s", "ort_dynamic_b1_s"),
         "speedup_at_1pp_eager": ratio(rows, "full_batch_s", "dynamic_batch_s"),
         "speedup_at_1pp_batch1_eager": ratio(rows, "full_b1_s", "dynamic_b1_s"),
+        "oracle_exit_speedup": ratio(rows, "oracle_full_batch_s", "oracle_batch_s"),
+        "oracle_exit_speedup_batch1": ratio(rows, "oracle_full_b1_s", "oracle_b1_s"),
     }
     result = {
         **speedups,
@@ -204,6 +225,8 @@ def main() -> None:
         "wall_over_flop_prediction_batch1": speedups["speedup_at_1pp_batch1"] / flop_prediction,
         "wall_over_flop_prediction_eager": speedups["speedup_at_1pp_eager"] / flop_prediction,
         "wall_over_flop_prediction_batch1_eager": speedups["speedup_at_1pp_batch1_eager"] / flop_prediction,
+        "oracle_over_flop_prediction": speedups["oracle_exit_speedup"] / flop_prediction,
+        "oracle_over_flop_prediction_batch1": speedups["oracle_exit_speedup_batch1"] / flop_prediction,
         "onnxruntime_over_eager_full_b1": ratio(rows, "full_b1_s", "ort_full_b1_s"),
         "onnxruntime_over_eager_dynamic_b1": ratio(rows, "dynamic_b1_s", "ort_dynamic_b1_s"),
         "exit_overhead": overhead,
@@ -228,6 +251,8 @@ def main() -> None:
         "wall_over_flop_prediction_batch1",
         "wall_over_flop_prediction_eager",
         "wall_over_flop_prediction_batch1_eager",
+        "oracle_over_flop_prediction",
+        "oracle_over_flop_prediction_batch1",
         "onnxruntime_over_eager_full_b1",
         "accuracy_drop_pp",
         "prediction_mismatches",
