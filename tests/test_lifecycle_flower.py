@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from flwr.app import RecordDict
 
+from fedexits.data import build_population
 from fedexits.engine.lifecycle_config import POLICIES
 from fedexits.errors import SettingsError
 from fedexits.fl.lifecycle_client import load_states, save_states
@@ -19,6 +20,7 @@ from fedexits.report.lifecycle import (
     write_lifecycle_report,
 )
 from fedexits.study import compose_config
+from fedexits.study.plan import lifecycle_partition_users
 
 from .lifecycle_helpers import make_micro_model
 from .test_lifecycle import lifecycle, live, population  # noqa: F401 (fixture)
@@ -114,13 +116,14 @@ def test_bad_lifecycle_settings_give_one_line(override, name):
 
 def test_two_days_through_flower_keep_each_users_state_in_context(tmp_path):
     """Two server rounds (days). A state lost between rounds would start again at day 0 (the
-    worker refuses: a bug), or show an empty buffer on day 1."""
+    worker refuses: a bug), or show an empty buffer on day 1. Only the sampled users are virtual
+    clients: server and clients must agree on which partition is which user."""
     env = cache_env(tmp_path / "cache")
     out = tmp_path / "run"
     overrides = [
         "mode=lifecycle",
         "dataset.num_writers=9",  # 4 global writers: the global model only needs to exist
-        "simulation.num_users=null",
+        "simulation.num_users=3",  # of 5 held-out users
         "simulation.max_failed_fraction=0.5",
         "global_training.epochs=1",
         "lifecycle.stream.days=2",
@@ -137,6 +140,9 @@ def test_two_days_through_flower_keep_each_users_state_in_context(tmp_path):
     timeline = pd.read_csv(out / "timeline.csv")
     assert list(timeline.columns) == TIMELINE_COLUMNS
     assert set(timeline.policy) == set(POLICIES) and set(timeline.day) == {0, 1}
+    settings = compose_config(TINY + overrides + [f"cache_dir={env['FEDEXITS_CACHE_DIR']}"])
+    sampled = lifecycle_partition_users(build_population(settings.dataset), 3, settings.seed)
+    assert sorted(set(timeline.user)) == sorted(sampled) and len(sampled) == 3
     details = pd.read_csv(out / "lifecycle_details.csv")
     healthy = details
     assert healthy.groupby(["user", "policy"]).day.nunique().eq(2).all()

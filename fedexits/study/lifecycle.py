@@ -25,7 +25,7 @@ from ..engine.orchestrator import UserState
 from ..errors import UserDataError, one_line
 from ..report.files import atomic_write_csv, atomic_write_json
 from ..report.lifecycle import TIMELINE_COLUMNS, write_lifecycle_report
-from .plan import RunPlan, partition_users, sample_users
+from .plan import RunPlan, lifecycle_partition_users
 from .prepare import Prepared
 from .protocol import user_seed
 
@@ -60,7 +60,7 @@ class LifecycleWorker:
         settings = plan.settings
         self.plan = plan
         self.population = build_population(settings.dataset)
-        self.users = partition_users(self.population, include_global=False)
+        self.users = lifecycle_partition_users(self.population, settings.simulation.num_users, settings.seed)
         model, _ = load_model(plan.checkpoint)
         self.lifecycle = Lifecycle(
             model,
@@ -118,9 +118,9 @@ def get_lifecycle_worker(plan_json: str) -> LifecycleWorker:
 
 
 def lifecycle_users(prepared: Prepared) -> list[int]:
-    """Partition ids of the users who live the run (a seeded sample of the held-out users)."""
-    settings = prepared.plan.settings
-    return sample_users(prepared.num_held_out, settings.simulation.num_users, settings.seed)
+    """Partition ids of the users who live the run: all of them, since a lifecycle run's
+    partitions are only the seeded sample of held-out users (`lifecycle_partition_users`)."""
+    return list(range(len(prepared.users)))
 
 
 def fig4_curves(prepared: Prepared, users: list[str]) -> pd.DataFrame:

@@ -90,6 +90,13 @@ def partition_users(population: Population, include_global: bool) -> list[str]:
     return users
 
 
+def lifecycle_partition_users(population: Population, num_users: int | None, seed: int) -> list[str]:
+    """Lifecycle mode: partition id -> user for the seeded sample of held-out users who live the
+    run, and only them: one virtual client each, none registered idle for the whole run."""
+    held_out = list(population.held_out_users)
+    return [held_out[p] for p in sample_users(len(held_out), num_users, seed)]
+
+
 def sample_users(num_held_out: int, num_users: int | None, seed: int) -> list[int]:
     """Which held-out partitions take part: our seeded choice (Flower's sampler is not seeded)."""
     if num_users is None or num_users >= num_held_out:

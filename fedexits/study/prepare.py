@@ -23,7 +23,7 @@ from ..errors import SettingsError
 from ..models import MultiExitSpec, build_multi_exit, cost_table
 from ..models.costs import training_flops
 from .config import StudyConfig
-from .plan import LatencyProfile, RunPlan, partition_users
+from .plan import LatencyProfile, RunPlan, lifecycle_partition_users, partition_users
 
 
 @dataclass
@@ -119,6 +119,12 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
         copy = Path(run_dir) / EXITS_DIR / GLOBAL_MODEL_FILE
         copy.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(copy, lambda handle: handle.write(path.read_bytes()), "wb")
+    lifecycle = settings.mode == "lifecycle"
+    users = (
+        lifecycle_partition_users(population, settings.simulation.num_users, settings.seed)
+        if lifecycle
+        else partition_users(population, include_global)
+    )
     return Prepared(
         plan=RunPlan(
             settings,
@@ -128,8 +134,8 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
             None if run_dir is None else str(run_dir),
             prune_shares,
         ),
-        users=partition_users(population, include_global),
-        num_held_out=len(population.held_out_users),
+        users=users,
+        num_held_out=len(population.held_out_users) if not lifecycle else len(users),
         cost_table=cost_table(model),
         population=population.describe(),
         training={
