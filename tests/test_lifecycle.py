@@ -22,7 +22,14 @@ def population():
 
 
 # every input explored (40 a day): the CUSUM sees 40 inputs a day, so the alarm level is higher
-TEST_RULES = {"p_expl": 1.0, "min_new_samples": 40, "min_reference": 8, "cusum_alarm": 40.0}
+TEST_RULES = {
+    "p_expl": 1.0,
+    "min_new_samples": 40,
+    "min_new_share": None,  # the count rule alone, unless a test says otherwise
+    "epochs": None,  # the personalisation config's
+    "min_reference": 8,
+    "cusum_alarm": 40.0,
+}
 # per-user thresholds that move on a micro model's few samples (no shared threshold by default)
 TEST_CALIBRATION = CalibrationConfig(rule="margin", drop_tolerance_pp=1.0, thresholds=THRESHOLDS)
 
@@ -192,6 +199,36 @@ def test_personalisation_skipped_when_the_data_rule_says_so(population):
     assert (eager.train_mflops[eager.personalised] > 0).all()
 
 
+def test_share_rule_personalises_once_new_samples_are_a_share_of_the_last_training_set(population):
+    model = make_micro_model()
+    never = dict(min_new_samples=10_000)  # the count rule alone never fires
+    _, counted = live(population, lifecycle(model, "none", **never))
+    _, shared = live(population, lifecycle(model, "none", **never, min_new_share=0.5))
+    _, huge = live(population, lifecycle(model, "none", **never, min_new_share=100.0))
+    assert not counted.personalised.any()
+    nights = shared[shared.personalised]
+    assert len(nights) >= 2 and (nights.trigger == "data").all()
+    assert huge.personalised.sum() == 1  # the first night (nothing trained yet), then never again
+    state = UserState(num_exits=2, image_shape=(1, 4, 4), new_samples=20, trained_samples=40)
+    assert state.enough_new_samples(OrchestratorConfig(min_new_samples=30, min_new_share=0.5))
+    assert not state.enough_new_samples(OrchestratorConfig(min_new_samples=30, min_new_share=0.6))
+    assert not state.enough_new_samples(OrchestratorConfig(min_new_samples=30, min_new_share=None))
+
+
+def test_orchestrator_epochs_train_longer_charge_it_and_leave_nightly_alone(population):
+    model = make_micro_model()
+    _, base = live(population, lifecycle(model, "none", min_new_samples=40))
+    _, longer = live(population, lifecycle(model, "none", min_new_samples=40, epochs=10))
+    nights = base.personalised
+    assert nights.any() and nights.tolist() == longer.personalised.tolist()
+    assert (longer.train_mflops[nights] > base.train_mflops[nights]).all()
+    nightly = [
+        live(population, lifecycle(model, "none", ("nightly",), epochs=e), policy="nightly")[1]
+        for e in (None, 10)
+    ]
+    assert nightly[0].train_mflops.tolist() == nightly[1].train_mflops.tolist()
+
+
 def test_a_buffer_smaller_than_a_batch_never_personalises(population):
     lc = lifecycle(make_micro_model(), "none", policies=("nightly",), batch_size=32)
     _, timeline = live(population, lc, policy="nightly", days=4)
@@ -314,6 +351,8 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: OrchestratorConfig(statistic="entropy"), "lifecycle.orchestrator.statistic"),
         (lambda: OrchestratorConfig(statistic="disagreement", p_expl=0), "lifecycle.orchestrator.p_expl"),
         (lambda: OrchestratorConfig(shift_window=1), "lifecycle.orchestrator.shift_window"),
+        (lambda: OrchestratorConfig(min_new_share=0), "lifecycle.orchestrator.min_new_share"),
+        (lambda: OrchestratorConfig(epochs=0), "lifecycle.orchestrator.epochs"),
         (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),
         (
             lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),

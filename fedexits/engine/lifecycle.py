@@ -139,16 +139,17 @@ class Lifecycle:
         """A calibration's compute: every exit and the final classifier over `n` samples."""
         return n * (self.flops.full + self.heads_mflops)
 
-    def personalisation_mflops(self, n_train: int, n_val: int) -> float:
+    def personalisation_mflops(self, n_train: int, n_val: int, epochs: int | None = None) -> float:
         """Tonight's personalisation compute, derived from the cost table and the flop counter's
         count of one training step: the frozen network once over the samples (feature cache; every
         epoch without it), `epochs` training steps per training sample, the guard's two head
         passes over the validation split and the calibration's full pass over it."""
         p, full = self.personalisation, self.flops.full
+        epochs = epochs or p.epochs
         cached = p.cache and not p.augment
-        backbone = (n_train + n_val) * full if cached else (p.epochs * n_train + n_val) * full
+        backbone = (n_train + n_val) * full if cached else (epochs * n_train + n_val) * full
         guard = 2 * n_val * self.heads_mflops
-        return backbone + p.epochs * n_train * self.step_mflops + guard + self.calibration_mflops(n_val)
+        return backbone + epochs * n_train * self.step_mflops + guard + self.calibration_mflops(n_val)
 
 
 def _head(name: str) -> str:
@@ -304,7 +305,7 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
             trigger, start = "drift", (None if rules.restart_on_drift else current)
         elif state.drift_flagged and deviated and config.shared_threshold is not None:
             trigger = "reset"  # too few samples since the drift to personalise: the shared exits
-        elif len(rows) >= batch and state.new_samples >= rules.min_new_samples:
+        elif len(rows) >= batch and state.enough_new_samples(rules):
             trigger, start = "data", current
         elif not state.calibrated and first_days_done and len(rows) >= batch:
             trigger = "calibrate"
@@ -320,9 +321,9 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         outcome.record.train_mflops = lifecycle.calibration_mflops(len(rows))
         outcome.record.train_samples = len(rows)
     elif trigger:
-        _personalise(
-            state, lifecycle, rows, start, _seed(config, "lifecycle-personalise", user, state.day), outcome
-        )
+        seed = _seed(config, "lifecycle-personalise", user, state.day)
+        epochs = rules.epochs if policy in EXPLORING else None  # the orchestrators' own
+        _personalise(state, lifecycle, rows, start, seed, outcome, epochs)
     if trigger and policy in ("never", "once"):
         state.clear_buffer()
 
@@ -379,21 +380,23 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
     state.calibration_mflops = float(profile["expected_mflops"])
 
 
-def _personalise(state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome) -> None:
-    config = replace(lifecycle.personalisation, seed=seed)
+def _personalise(
+    state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome, epochs=None
+):
+    """Tonight's personalisation from `start` on the buffer `rows` for `epochs` (None: the config's)."""
+    config = replace(lifecycle.personalisation, seed=seed, epochs=epochs or lifecycle.personalisation.epochs)
     x, y, labelled = _buffered(state, lifecycle, rows)
     lifecycle.load(start)
     result = personalise(lifecycle.model, x, y, labelled, config)
     calib = split_validation(len(x), config.val_fraction, seed)[1] if config.guard else torch.arange(len(x))
     _calibrate(state, lifecycle, x[calib], y[calib], labelled[calib], reference_x=x)
-    state.exits = lifecycle.changed_exits()
-    state.personalisations += 1
-    state.last_personalised_day = state.day
-    state.new_samples = 0
+    state.personalised(lifecycle.changed_exits(), trained_samples=len(rows))
     record = outcome.record
     record.personalised = True
     record.train_samples = result.n_train
-    record.train_mflops = lifecycle.personalisation_mflops(result.n_train, len(calib) if config.guard else 0)
+    record.train_mflops = lifecycle.personalisation_mflops(
+        result.n_train, len(calib) * config.guard, config.epochs
+    )
     record.personalise_s = result.seconds
     outcome.exits = {n: t.clone() for n, t in lifecycle.model.exits.state_dict().items()}
     outcome.num_samples = result.n_train
