@@ -12,13 +12,11 @@ Policies (`POLICIES`), all on the same streams:
 - `orchestrator+fedavg`: the same, but every personalisation starts from the exits the server
   averaged over last night's personalised users (`start_exits`, when there is an average).
 
-Every policy starts on the shared exits at `LifecycleConfig.shared_threshold`, a threshold
-measured across users (every exit active; each calibration then switches off the exits that
-cost more than they save there). With `own_threshold` a user's calibration (`calibrate` with
-the run's `CalibrationConfig`, Learn-then-Test at 2 pp by default) replaces it once it certifies
-a cheaper one. An input the orchestrator explores ran to the final exit, so the final exit
-answers it. Without a shared threshold (None) a user serves every input at the final exit until
-its first calibration.
+Every policy starts on the shared exits at `LifecycleConfig.shared_threshold`, measured across
+users (every exit active; each calibration switches off the exits that cost more than they
+save). With `own_threshold` a user's calibration (the run's `CalibrationConfig`) replaces it once
+it certifies a cheaper one; without a shared threshold (None) every input goes to the final exit
+until the first calibration. An explored input ran to the final exit, which answers it.
 """
 
 from __future__ import annotations
