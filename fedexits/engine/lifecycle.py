@@ -393,7 +393,7 @@ def _personalise(
     record.personalised = True
     record.train_samples = result.n_train
     record.train_mflops = lifecycle.personalisation_mflops(
-        result.n_train, len(calib) * config.guard, config.epochs
+        result.n_train, len(calib) if config.guard else 0, config.epochs
     )
     record.personalise_s = result.seconds
     outcome.exits = {n: t.clone() for n, t in lifecycle.model.exits.state_dict().items()}

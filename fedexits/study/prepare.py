@@ -135,7 +135,7 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
             prune_shares,
         ),
         users=users,
-        num_held_out=len(population.held_out_users) if not lifecycle else len(users),
+        num_held_out=len(users) if lifecycle else len(population.held_out_users),
         cost_table=cost_table(model),
         population=population.describe(),
         training={
