@@ -72,6 +72,14 @@ def test_targets_and_delays_from_a_timeline():
     assert metrics.loc["orchestrator", "steady_train_gflops_per_user"] == pytest.approx(0.02)
 
 
+def test_targets_of_a_run_without_any_drift():
+    timeline = _timeline()
+    timeline["drift_active"] = timeline["drift_flagged"] = False
+    metrics = target_metrics(timeline, {"u0": None, "u1": None}, full_mflops=10.0)
+    assert metrics.loc["nightly", "steady_users"] == 2
+    assert "drifted_users" not in metrics.columns
+
+
 def test_report_writes_every_file(tmp_path):
     timeline = _timeline()
     fig4 = pd.DataFrame(

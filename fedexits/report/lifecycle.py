@@ -31,7 +31,8 @@ def target_metrics(timeline: pd.DataFrame, drift_days: Mapping, full_mflops: flo
     detection delay); users without drift over the whole run (accuracy, training compute).
     `timeline` needs the `measured` column (lifecycle_details.csv): accuracies are pooled over
     measured inputs."""
-    t = timeline.assign(drift_day=timeline.user.map(dict(drift_days)))
+    # float: a run without any drift maps every user to None, which would not compare with days
+    t = timeline.assign(drift_day=timeline.user.map(dict(drift_days)).astype(float))
     t["correct"] = t.accuracy.fillna(0) * t.measured
     t["final_correct"] = t.final_accuracy.fillna(0) * t.measured
     drifted = t[t.drift_day.notna() & (t.day >= t.drift_day)]
