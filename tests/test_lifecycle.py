@@ -82,8 +82,8 @@ def test_exploration_statistic_rises_under_drift_and_not_without(population, sta
     assert len(calibrated) >= 4
     assert drifted.drift_flagged.loc[3] and not steady.drift_flagged.any()
     if statistic == "feature_shift":  # the window's z, against the calibration samples' features
-        alarm = OrchestratorConfig().shift_alarm
-        assert drift_day.cusum > alarm > calibrated.cusum.max() and before.cusum < alarm
+        alarm = OrchestratorConfig().shift_alarm  # the CUSUM of the windows' z
+        assert drift_day.cusum > max(alarm, 3 * calibrated.cusum.max()) and before.cusum <= alarm
         return
     assert drift_day.explore_loss > 2.0 * drift_day.reference_loss
     assert drift_day.explore_loss > 2.0 * before.explore_loss
@@ -117,12 +117,32 @@ def test_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
     window, z = 20, []
     for _ in range(300):
         state.window_features = state.window_features[:0]
-        state.observe_features(draw(window), window)
-        z.append(state.cusum)
+        z.append(state.observe_features(draw(window), window, slack=100.0))
     z = np.array(z)
     assert abs(z.mean()) < 0.75 and 0.6 < z.std() < 1.6  # about standard without a shift (one reference)
-    state.observe_features(draw(window, shift=1.0), window)  # a one-sd shift of every channel
-    assert state.cusum > 3 * z.max()
+    assert state.cusum == 0.0  # below the slack: nothing accumulates
+    shifted = state.observe_features(draw(window, shift=1.0), window, slack=100.0)  # one sd, every channel
+    assert shifted > 3 * z.max()
+
+
+def test_feature_shift_cusum_accumulates_a_persistent_moderate_shift():
+    rng = np.random.default_rng(1)
+    draw = lambda n, shift=0.0: rng.normal(size=(n, 8)) + shift  # noqa: E731
+    config = OrchestratorConfig(shift_slack=2.0, shift_alarm=10.0)
+    state = UserState(2, (1, 4, 4), calibrated=True, active_exits=[True, False])
+    state.set_feature_reference(draw(400))
+    state.day = 3
+    z = state.observe_features(draw(20, shift=0.4), 20, config.shift_slack)
+    assert config.shift_slack < z < config.shift_slack + config.shift_alarm  # one window: no alarm
+    assert not state.drift_rule(config) and state.cusum_start_day == 3
+    state.day = 4
+    for _ in range(6):  # the shift stays: the excess over the slack adds up
+        state.observe_features(draw(5, shift=0.4), 20, config.shift_slack)
+    assert state.drift_rule(config)
+    state.flag_drift(config)
+    assert state.train_from_day == 3  # from the window that first rose above the slack
+    state.recalibrated(0.5, [True, False], np.zeros(0))
+    assert state.cusum == 0.0 and not state.drift_rule(config)
 
 
 def test_served_disagreement_counts_the_answers_that_differ_from_the_final_exit():

@@ -67,7 +67,7 @@ class DayRecord:
     early_exit_share: float = float("nan")
     explore_loss: float = float("nan")  # today's mean exploration loss (loss rules: selected exits vs final)
     reference_loss: float = float("nan")  # its mean on the calibration samples
-    cusum: float = float("nan")  # the drift statistic at the end of the day (CUSUM S, or feature-shift z)
+    cusum: float = float("nan")  # the drift statistic at the end of the day (its CUSUM S)
     buffered: int = 0
     new_samples: int = 0
     train_samples: int = 0
@@ -260,7 +260,7 @@ def _serve(policy, state: UserState, lifecycle: Lifecycle, inputs: DayInputs, pr
         at = slice(start, min(n, start + step))
         taken[at] = exits_taken(probs[:, at], torch.tensor([state.threshold], dtype=probs.dtype), active)[0]
         if explores and rules.statistic == "feature_shift":
-            state.observe_features(pooled[at], rules.shift_window)
+            state.observe_features(pooled[at], rules.shift_window, rules.shift_slack)
             state.explored += int(explored[at].sum())
         elif explores:
             state.explore(losses[at][explored[at]], rules.cusum_slack)
