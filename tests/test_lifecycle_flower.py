@@ -72,30 +72,41 @@ def test_targets_and_delays_from_a_timeline():
     assert metrics.loc["orchestrator", "steady_train_gflops_per_user"] == pytest.approx(0.02)
 
 
-def test_targets_of_a_run_without_any_drift():
+FIG4 = pd.DataFrame(
+    dict(user="u0", n_samples=[0, 0, 10, 10], exit=[0, 1, 0, 1], accuracy=[0.5, 0.9, 0.6, 0.9])
+)
+
+
+def _meta(scenario: str) -> dict:
+    return {
+        "status": {"status": "ok", "reason": "", "users_total": 2, "users_failed": 0},
+        "full_mflops": 10.0,
+        "lifecycle": {"stream": {"days": 4, "inputs_per_day": 10, "label_fraction": 1.0},
+                      "drift": {"scenario": scenario, "share": 0.5, "first_day": 2, "last_day": 2},
+                      "buffer_size": 64, "orchestrator": {"min_new_samples": 60}},
+    }  # fmt: skip
+
+
+def test_report_of_a_run_without_any_drift(tmp_path):
     timeline = _timeline()
     timeline["drift_active"] = timeline["drift_flagged"] = False
-    metrics = target_metrics(timeline, {"u0": None, "u1": None}, full_mflops=10.0)
-    assert metrics.loc["nightly", "steady_users"] == 2
-    assert "drifted_users" not in metrics.columns
+    no_drift = {"u0": None, "u1": None}
+    metrics = target_metrics(timeline, no_drift, full_mflops=10.0)
+    assert metrics.loc["nightly", "steady_users"] == 2 and "drifted_users" not in metrics.columns
+    write_lifecycle_report(tmp_path, timeline, pd.DataFrame(), FIG4, no_drift, _meta("none"))
+    report = (tmp_path / "report.md").read_text()
+    assert "; no drift;" in report and "median delay from drift to drift_flagged <= 2 days | n/a" in report
 
 
 def test_report_writes_every_file(tmp_path):
     timeline = _timeline()
-    fig4 = pd.DataFrame(
-        dict(user="u0", n_samples=[0, 0, 10, 10], exit=[0, 1, 0, 1], accuracy=[0.5, 0.9, 0.6, 0.9])
-    )
-    meta = {
-        "status": {"status": "ok", "reason": "", "users_total": 2, "users_failed": 0},
-        "full_mflops": 10.0,
-        "lifecycle": {"stream": {"days": 4, "inputs_per_day": 10, "label_fraction": 1.0},
-                      "drift": {"scenario": "writer", "share": 0.5, "first_day": 2, "last_day": 2},
-                      "buffer_size": 64, "orchestrator": {"min_new_samples": 60}},
-    }  # fmt: skip
     failures = pd.DataFrame([dict(user="u2", day=1, policy="nightly", error="bad labels")])
-    summary = write_lifecycle_report(tmp_path, timeline, failures, fig4, {"u0": None, "u1": 2}, meta)
+    summary = write_lifecycle_report(
+        tmp_path, timeline, failures, FIG4, {"u0": None, "u1": 2}, _meta("writer")
+    )
     report = (tmp_path / "report.md").read_text()
     assert "| u2 | 1 | nightly | bad labels |" in report
+    assert "drift `writer` for a seeded 50% of users on a day in [2, 2]" in report
     assert "median delay from drift to drift_flagged <= 2 days | 1.0 | yes" in report
     for name in ("lifecycle_over_days.png", "lifecycle_drift_delay.png", "lifecycle_fig4.png",
                  "lifecycle_compute_vs_accuracy.png", "lifecycle_targets.csv"):  # fmt: skip

@@ -217,14 +217,19 @@ def lifecycle_markdown(metrics, checks, failures: pd.DataFrame, fig4: pd.DataFra
     config, status = meta["lifecycle"], meta["status"]
     stream, drift = config["stream"], config["drift"]
     met = {True: "yes", False: "**no**", None: "n/a"}
+    drift_text = (
+        "no drift"
+        if drift["scenario"] == "none"
+        else f"drift `{drift['scenario']}` for a seeded {drift['share']:.0%} of users "
+        f"on a day in [{drift['first_day']}, {drift['last_day']}]"
+    )
     lines = [
         "# Lifelong personalisation",
         "",
         f"Run status: {status['status']}{': ' + status['reason'] if status['reason'] else ''} "
         f"({status['users_total']} users, {status['users_failed']} with a failure).",
         f"{stream['days']} days x {stream['inputs_per_day']} inputs per day, label fraction "
-        f"{stream['label_fraction']}; drift `{drift['scenario']}` for a seeded {drift['share']:.0%} of users "
-        f"on a day in [{drift['first_day']}, {drift['last_day']}]; buffer {config['buffer_size']} inputs. "
+        f"{stream['label_fraction']}; {drift_text}; buffer {config['buffer_size']} inputs. "
         f"Full network: {meta['full_mflops']:.1f} MFLOPs per input. Policies share every stream.",
         "",
         "## Targets",
