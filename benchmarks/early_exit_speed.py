@@ -162,7 +162,7 @@ def main() -> None:
         action="store_true",
         help="time the training-form model (BatchNorm not folded into convs)",
     )
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     torch.set_num_threads(args.threads)
 
     def deployed(model):

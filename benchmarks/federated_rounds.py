@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--clients", type=int, default=6, help="global users timed per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     torch.set_num_threads(1)
 
     prepared = prepare(compose_config(["init=federated", *args.overrides]), progress=False)

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3500)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--skip-loop", action="store_true", help="do not run the in-process comparison")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
 
     started = time.perf_counter()
     settings = settings_for(args.clients, args.overrides)

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=6391)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     ray = ray_command()
     address = f"127.0.0.1:{args.port}"
     out = Path(tempfile.mkdtemp(prefix="fedexits-ray-cluster-"))

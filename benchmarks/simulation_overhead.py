@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
     parser.add_argument("--num-clients", type=int, default=250)
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
 
     overrides = [f"simulation.num_users={args.num_clients}", "init=global", *args.overrides]
     settings = compose_config(overrides)

@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tuning", help="held-out users that choose the budget (one id a line)")
     parser.add_argument("--reporting", help="held-out users that report it (one id a line)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     candidates = args.candidate or CANDIDATES
     base = ["init=federated", *args.overrides]
     settings = [compose_config([*base, *c.split()]) for c in candidates]  # every candidate checked first

@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=json.loads, default={"default": {}})
     parser.add_argument("--policies", type=lambda text: text.split(","), default=list(POLICIES))
     parser.add_argument("--out", default="results/lifecycle")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

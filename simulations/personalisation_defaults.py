@@ -58,7 +58,7 @@ def main() -> None:
         default=CANDIDATES,
         help='JSON {"name": {setting: value}} replacing the built-in candidates',
     )
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare(compose_config(args.overrides))
