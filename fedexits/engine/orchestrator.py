@@ -228,11 +228,14 @@ class UserState:
         """Feed losses (n,) of monitored inputs, in arrival order, to the CUSUM."""
         sd = max(self.reference_sd, SD_FLOOR)
         for loss in losses.tolist():
-            rise = (loss - self.reference_mean) / sd - slack
-            if self.cusum == 0.0 and rise > 0:
-                self.cusum_start_day = self.day
-            self.cusum = max(0.0, self.cusum + rise)
+            self._cusum_step((loss - self.reference_mean) / sd - slack, self.day)
             self.explored += 1
+
+    def _cusum_step(self, rise: float, start_day: int) -> None:
+        """S <- max(0, S + rise), shared by both statistics; S leaving zero dates the drift."""
+        if self.cusum == 0.0 and rise > 0:
+            self.cusum_start_day = start_day
+        self.cusum = max(0.0, self.cusum + rise)
 
     def drift_rule(self, config: OrchestratorConfig) -> bool:
         """True once the statistic (the exploration loss, or the windows' feature-shift z) has
@@ -279,9 +282,7 @@ class UserState:
         difference = (self.window_features.mean(0) - self.feature_mean) / self.feature_sd
         t = float((difference**2 / (1 / n + 1 / m)).mean())
         z = (t - 1) / math.sqrt(2 / self.feature_dof)
-        if self.cusum == 0.0 and z > slack:
-            self.cusum_start_day = int(self.window_days[0])
-        self.cusum = max(0.0, self.cusum + z - slack)
+        self._cusum_step(z - slack, int(self.window_days[0]))
         return z
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
