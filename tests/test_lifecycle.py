@@ -208,6 +208,24 @@ def test_shared_threshold_serves_from_the_first_day_and_a_drift_without_a_batch_
     assert lc.config.shared_threshold == shared and state.day == lc.config.stream.days
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_reset_keeps_the_users_exits_unless_drift_restarts_from_the_shared_ones(population, restart):
+    settings = dict(batch_size=32, shared_threshold=0.9, raised_threshold=0.97, threshold_deviation=0.01)
+    settings |= dict(statistic="disagreement", restart_on_drift=restart, own_threshold=True)
+    lc = lifecycle(make_micro_model(), "writer", **settings)
+    _, timeline = live(population, lc)
+    night = int(timeline[timeline.trigger == "reset"].day.iloc[0])
+    before, _ = live(population, lc, days=night)
+    after, _ = live(population, lc, days=night + 1)
+    assert before.exits is not None  # personalised before the drift
+    if restart:
+        assert after.exits is None
+    else:
+        assert after.exits.keys() == before.exits.keys()
+        assert all(torch.equal(after.exits[n], before.exits[n]) for n in before.exits)
+    assert after.threshold <= lc.config.shared_threshold and not after.drift_flagged
+
+
 def test_personalisation_skipped_when_the_data_rule_says_so(population):
     model = make_micro_model()
     _, patient = live(population, lifecycle(model, "none", min_new_samples=10_000))

@@ -302,7 +302,7 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         if len(rows) >= batch and state.drift_flagged and deviated:
             trigger, start = "drift", (None if rules.restart_on_drift else current)
         elif state.drift_flagged and deviated and config.shared_threshold is not None:
-            trigger = "reset"  # too few samples since the drift to personalise: the shared exits
+            trigger = "reset"  # too few samples since the drift to personalise: the shared threshold
         elif len(rows) >= batch and state.enough_new_samples(rules):
             trigger, start = "data", current
         elif not state.calibrated and first_days_done and len(rows) >= batch:
@@ -333,11 +333,13 @@ def _buffered(state: UserState, lifecycle: Lifecycle, rows: np.ndarray):
 
 
 def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: DayOutcome) -> None:
-    """A flagged drift without a batch of new samples: back to the shared exits at the shared
-    threshold, the exploration reference re-based on the samples since the drift (the rule waits
-    for `min_reference` of them); the data rule personalises once enough have arrived."""
-    state.exits = None
-    lifecycle.load(None)
+    """A flagged drift without a batch of new samples: back to the shared threshold (and, with
+    `restart_on_drift`, the shared exits), the exploration reference re-based on the samples since
+    the drift (the rule waits for `min_reference` of them); the data rule personalises once enough
+    have arrived."""
+    if lifecycle.config.orchestrator.restart_on_drift:
+        state.exits = None
+    lifecycle.load(state.exits)
     if len(rows):
         _calibrate(state, lifecycle, *_buffered(state, lifecycle, rows))
         outcome.record.train_mflops = lifecycle.calibration_mflops(len(rows))

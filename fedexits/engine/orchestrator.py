@@ -90,7 +90,7 @@ class OrchestratorConfig:
     # personalisation epochs of the orchestrators' nights (None: personalisation.epochs, what
     # nightly uses): they personalise far less often than nightly, so each night can train longer
     epochs: int | None = 15
-    restart_on_drift: bool = True  # drift-triggered personalisation starts from the shared exits
+    restart_on_drift: bool = True  # a drift night (personalisation or reset) starts from the shared exits
 
     def __post_init__(self):
         checks = [
