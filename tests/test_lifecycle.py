@@ -393,6 +393,12 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: OrchestratorConfig(epochs=0), "lifecycle.orchestrator.epochs"),
         (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),
         (
+            lambda: LifecycleConfig(
+                orchestrator=OrchestratorConfig(raised_threshold=0.85, threshold_deviation=0.1)
+            ),
+            "lifecycle.orchestrator.raised_threshold",
+        ),
+        (
             lambda: check_buffer(LifecycleConfig(buffer_size=16), PersonalisationConfig(batch_size=32)),
             "lifecycle.buffer_size",
         ),

@@ -54,6 +54,15 @@ class LifecycleConfig:
             raise SettingsError(
                 f"lifecycle.shared_threshold must be in [0, 1] or null, got {self.shared_threshold!r}"
             )
+        rules = self.orchestrator
+        if self.shared_threshold is not None and (
+            rules.raised_threshold - self.shared_threshold < rules.threshold_deviation - 1e-12
+        ):
+            raise SettingsError(
+                "lifecycle.orchestrator.raised_threshold must be at least threshold_deviation "
+                f"({rules.threshold_deviation}) above lifecycle.shared_threshold ({self.shared_threshold}), "
+                f"or a flagged drift never triggers a night; got {rules.raised_threshold!r}"
+            )
         if not 1 <= self.once_days <= self.stream.days:
             raise SettingsError(
                 f"lifecycle.once_days must be in [1, lifecycle.stream.days={self.stream.days}], "
