@@ -2,13 +2,16 @@
 
     python simulations/lifecycle_defaults.py fig4 --users 20 --out results/lifecycle
     python simulations/lifecycle_defaults.py run --users 20 --out results/lifecycle
-    python simulations/lifecycle_defaults.py sweep --users 20 --out results/lifecycle \
+    python simulations/lifecycle_defaults.py sweep --users 20 --out results/lifecycle --seed 0,1,2 \
         --policies orchestrator --candidates '{"p=0.1": {"p_expl": 0.1}, "p=0.3": {"p_expl": 0.3}}'
 
 `fig4`: accuracy of every exit against the number of personalisation samples (the
 minimum-new-samples rule). `run`: every policy on the same users and streams, then the issue's
 targets. `sweep`: orchestrator candidates (JSON of OrchestratorConfig overrides) on the same users
-(`--policies orchestrator` to skip the others; compare with `run`'s nightly).
+(`--policies orchestrator` to skip the others), at every drift seed of `--seed`; per seed the
+`--baselines` (default never and nightly) run once, and each candidate's row gets the
+comparisons the targets need: its steady users against nightly's, its drifted FLOPs against
+never's.
 Everything runs in this process on one thread (what a virtual client gets), with the cached
 global model of the given Hydra overrides (synthetic default without any).
 """
@@ -109,6 +112,27 @@ def run(args, setup, policies, orchestrator=None):
     return result, metrics, seconds
 
 
+def against_baselines(row: pd.Series, baselines: pd.DataFrame | None) -> dict:
+    """A candidate's targets relative to the baselines of the same seed: steady users against
+    nightly (accuracy in pp, training compute as a share), drifted FLOPs of never."""
+    if baselines is None:
+        return {}
+    out = {}
+    if "nightly" in baselines.index:
+        nightly = baselines.loc["nightly"]
+        out["steady_vs_nightly_pp"] = 100 * (row.get("steady_accuracy") - nightly.get("steady_accuracy"))
+        out["steady_compute_share_of_nightly"] = row.get("steady_train_gflops_per_user") / nightly.get(
+            "steady_train_gflops_per_user"
+        )
+    if "never" in baselines.index:
+        out["never_drifted_flops_share"] = baselines.loc["never"].get("drifted_flops_share")
+    return out
+
+
+def seeds(text: str) -> list[int]:
+    return [int(seed) for seed in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["fig4", "run", "sweep"])
@@ -120,11 +144,21 @@ def main() -> None:
     parser.add_argument("--inputs-per-day", type=int, default=StreamConfig.inputs_per_day)
     parser.add_argument("--drift", default=DriftConfig.scenario)
     parser.add_argument("--share", type=float, default=DriftConfig.share)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seeds, default=[0], help="drift seeds (sweep: a comma list)")
+    parser.add_argument(
+        "--baselines",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=["never", "nightly"],
+        help="sweep: policies run once per seed to compare candidates with ('' for none)",
+    )
     parser.add_argument("--candidates", type=json.loads, default={"default": {}})
     parser.add_argument("--policies", type=lambda text: text.split(","), default=list(POLICIES))
     parser.add_argument("--out", default="results/lifecycle")
     args = parser.parse_intermixed_args()  # options anywhere among the Hydra overrides
+    if args.command != "sweep":
+        if len(args.seed) != 1:
+            parser.error(f"--seed: {args.command} takes one drift seed, got {len(args.seed)}")
+        args.seed = args.seed[0]
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,12 +177,16 @@ def main() -> None:
         print(f"{users} users x {args.days} days x {len(args.policies)} policies: {seconds:.0f} s")
         return
     rows = []
-    for name, change in args.candidates.items():
-        _, metrics, seconds = run(args, setup, args.policies, change)
-        for policy, row in metrics.iterrows():
-            rows.append({"candidate": name, "policy": policy, **row.to_dict(), "seconds": seconds})
-            print(json.dumps(rows[-1], default=float))
-    table = pd.DataFrame(rows).set_index(["candidate", "policy"])
+    for seed in args.seed:
+        at_seed = argparse.Namespace(**{**vars(args), "seed": seed})
+        baselines = run(at_seed, setup, args.baselines)[1] if args.baselines else None
+        for name, change in args.candidates.items():
+            _, metrics, seconds = run(at_seed, setup, args.policies, change)
+            for policy, row in metrics.iterrows():
+                rows.append({"drift_seed": seed, "candidate": name, "policy": policy, **row.to_dict()})
+                rows[-1] |= {**against_baselines(row, baselines), "seconds": seconds}
+                print(json.dumps(rows[-1], default=float))
+    table = pd.DataFrame(rows).set_index(["drift_seed", "candidate", "policy"])
     table.to_csv(out / "sweep.csv")
     print(table.round(3).T.to_string())
 
