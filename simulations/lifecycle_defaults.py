@@ -7,7 +7,8 @@
 
 `fig4`: accuracy of every exit against the number of personalisation samples (the
 minimum-new-samples rule). `run`: every policy on the same users and streams, then the issue's
-targets. `sweep`: orchestrator candidates (JSON of OrchestratorConfig overrides) on the same users
+targets. `sweep`: candidates (JSON of OrchestratorConfig overrides, or of the LifecycleConfig keys
+in LIFECYCLE_KEYS, which change every policy) on the same users
 (`--policies orchestrator` to skip the others), at every drift seed of `--seed`; per seed the
 `--baselines` (default never and nightly) run once, and each candidate's row gets the
 comparisons the targets need: its steady users against nightly's, its drifted FLOPs against
@@ -86,20 +87,27 @@ def fig4(args, setup) -> pd.DataFrame:
     return curve
 
 
-def lifecycle_config(args, policies, **orchestrator) -> LifecycleConfig:
+LIFECYCLE_KEYS = ("shared_threshold", "own_threshold", "buffer_size", "once_days")
+
+
+def lifecycle_config(args, policies, **change) -> LifecycleConfig:
+    """The run's settings; `change` holds OrchestratorConfig overrides and, for the keys in
+    LIFECYCLE_KEYS, LifecycleConfig ones (these change every policy: run them all, no baselines)."""
     stream = StreamConfig(days=args.days, inputs_per_day=args.inputs_per_day)
     drift = DriftConfig(scenario=args.drift, share=args.share)
+    outer = {key: change.pop(key) for key in LIFECYCLE_KEYS if key in change}
     return LifecycleConfig(
         policies=list(policies),
         seed=args.seed,
         stream=stream,
         drift=drift,
-        orchestrator=OrchestratorConfig(**orchestrator),
+        orchestrator=OrchestratorConfig(**change),
+        **outer,
     )
 
 
 def run(args, setup, policies, orchestrator=None):
-    config = lifecycle_config(args, policies, **(orchestrator or {}))
+    config = lifecycle_config(args, policies, **dict(orchestrator or {}))
     population = setup.population
     decode = population.model_input
     lifecycle = Lifecycle(
@@ -112,11 +120,9 @@ def run(args, setup, policies, orchestrator=None):
     return result, metrics, seconds
 
 
-def against_baselines(row: pd.Series, baselines: pd.DataFrame | None) -> dict:
+def against_baselines(row: pd.Series, baselines: pd.DataFrame) -> dict:
     """A candidate's targets relative to the baselines of the same seed: steady users against
     nightly (accuracy in pp, training compute as a share), drifted FLOPs of never."""
-    if baselines is None:
-        return {}
     out = {}
     if "nightly" in baselines.index:
         nightly = baselines.loc["nightly"]
@@ -182,9 +188,15 @@ def main() -> None:
         baselines = run(at_seed, setup, args.baselines)[1] if args.baselines else None
         for name, change in args.candidates.items():
             _, metrics, seconds = run(at_seed, setup, args.policies, change)
+            # the candidate's own never / nightly where it ran them (they see its settings)
+            reference = (
+                metrics
+                if baselines is None
+                else pd.concat([metrics, baselines.drop(metrics.index, errors="ignore")])
+            )
             for policy, row in metrics.iterrows():
                 rows.append({"drift_seed": seed, "candidate": name, "policy": policy, **row.to_dict()})
-                rows[-1] |= {**against_baselines(row, baselines), "seconds": seconds}
+                rows[-1] |= {**against_baselines(row, reference), "seconds": seconds}
                 print(json.dumps(rows[-1], default=float))
     table = pd.DataFrame(rows).set_index(["drift_seed", "candidate", "policy"])
     table.to_csv(out / "sweep.csv")
