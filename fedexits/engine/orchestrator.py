@@ -77,7 +77,7 @@ class OrchestratorConfig:
     cusum_alarm: float = 4.0  # CUSUM alarm level h, in calibration standard deviations
     min_reference: int = 10  # calibration samples needed before the drift rule may fire
     # 0.9 (with threshold_deviation 0.1): on the tuning users over drift seeds 0-2, the same
-    # accuracy as 1.0 (every input to the final exit) on every draw at 0.3-1.8 pp fewer drifted
+    # accuracy as 1.0 (every input to the final exit) on every draw at 0.3-2.0 pp fewer drifted
     # FLOPs; 0.85 cost synthetic users within 2 pp under scenario=both (84.6% against 92.3%)
     raised_threshold: float = 0.9  # thr' while a drift is flagged
     check_every: int = 5  # inputs between two checks of the drift rule within a day
