@@ -298,7 +298,7 @@ def _night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, ou
         if len(rows) >= batch:
             trigger, start = "nightly", current
     else:
-        deviated = state.threshold - state.calibrated_threshold >= rules.threshold_deviation - 1e-12
+        deviated = rules.deviated(state.threshold, state.calibrated_threshold)
         if len(rows) >= batch and state.drift_flagged and deviated:
             trigger, start = "drift", (None if rules.restart_on_drift else current)
         elif state.drift_flagged and deviated and config.shared_threshold is not None:

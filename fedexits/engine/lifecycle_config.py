@@ -55,8 +55,8 @@ class LifecycleConfig:
                 f"lifecycle.shared_threshold must be in [0, 1] or null, got {self.shared_threshold!r}"
             )
         rules = self.orchestrator
-        if self.shared_threshold is not None and (
-            rules.raised_threshold - self.shared_threshold < rules.threshold_deviation - 1e-12
+        if self.shared_threshold is not None and not rules.deviated(
+            rules.raised_threshold, self.shared_threshold
         ):
             raise SettingsError(
                 "lifecycle.orchestrator.raised_threshold must be at least threshold_deviation "

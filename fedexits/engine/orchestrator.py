@@ -125,6 +125,11 @@ class OrchestratorConfig:
                 "(its loss is measured on explored inputs), got 0"
             )
 
+    def deviated(self, threshold: float, calibrated: float) -> bool:
+        """The threshold-deviation rule: `threshold` is at least `threshold_deviation` above the
+        calibrated one (float tolerance: 0.9 - 0.8 is 0.0999...)."""
+        return threshold - calibrated >= self.threshold_deviation - 1e-12
+
 
 def _empty_images(image_shape) -> np.ndarray:
     return np.zeros((0, *image_shape), np.uint8)
@@ -152,7 +157,7 @@ class UserState:
     feature_dof: float = math.nan  # ... and the channels' effective number
     window_features: np.ndarray = None  # float32 (<= shift_window, C): the latest inputs' ...
     window_days: np.ndarray = None  # ... and their days
-    cusum: float = 0.0  # the drift statistic: CUSUM S (loss rules) or the window's z (feature_shift)
+    cusum: float = 0.0  # the drift statistic: CUSUM S (of the losses, or of the windows' z)
     cusum_start_day: int = 0  # the day the drift began, by the statistic's estimate
     explored: int = 0  # inputs explored since the last calibration
     drift_flagged: bool = False
