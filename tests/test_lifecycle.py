@@ -145,6 +145,22 @@ def test_feature_shift_cusum_accumulates_a_persistent_moderate_shift():
     assert state.cusum == 0.0 and not state.drift_rule(config)
 
 
+def test_a_calibration_without_samples_leaves_the_feature_rule_waiting():
+    # a reset the night after a drift flag, when no sample arrived since the drift began (a
+    # writer whose trainable images have all arrived): the old reference must not be used
+    rng = np.random.default_rng(3)
+    config = OrchestratorConfig()
+    state = UserState(2, (1, 4, 4), calibrated=True, active_exits=[True, False])
+    state.set_feature_reference(rng.normal(size=(50, 8)))
+    state.recalibrated(0.8, [True, True], np.zeros(0))
+    for _ in range(10):
+        assert np.isnan(state.observe_features(rng.normal(size=(5, 8)) + 3.0, 20, config.shift_slack))
+    assert state.cusum == 0.0 and not state.drift_rule(config)
+    state.set_feature_reference(rng.normal(size=(50, 8)))  # the next calibration: watched again
+    state.observe_features(rng.normal(size=(20, 8)) + 3.0, 20, config.shift_slack)
+    assert state.drift_rule(config)
+
+
 def test_served_disagreement_counts_the_answers_that_differ_from_the_final_exit():
     # 2 early exits + final, 4 inputs, 3 classes
     probs = torch.tensor(

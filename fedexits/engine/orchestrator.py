@@ -297,7 +297,10 @@ class UserState:
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
         """A new calibration: threshold and exits from `engine.calibrate`, the reference of the
-        exploration loss from `losses` (n,) of the calibration samples; the CUSUM restarts."""
+        exploration loss from `losses` (n,) of the calibration samples; the CUSUM restarts. The
+        feature reference is dropped: it described the old calibration's inputs (`feature_shift`
+        sets a new one; a reset with no sample since the drift leaves the rule waiting)."""
+        self.set_feature_reference(np.zeros((0, 0)))
         self.calibrated = True
         self.threshold = self.calibrated_threshold = float(threshold)
         self.active_exits = [bool(a) for a in active]
