@@ -5,6 +5,7 @@ import torch
 
 from fedexits.data.streams import DriftConfig, StreamConfig, user_stream
 from fedexits.engine.calibration import THRESHOLDS, CalibrationConfig
+from fedexits.engine.features import _pool
 from fedexits.engine.lifecycle import TIMING_COLUMNS, Lifecycle, run_day
 from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, average_exits, run_lifecycle
@@ -123,6 +124,23 @@ def test_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
     assert state.cusum == 0.0  # below the slack: nothing accumulates
     shifted = state.observe_features(draw(window, shift=1.0), window, slack=100.0)  # one sd, every channel
     assert shifted > 3 * z.max()
+
+
+def test_feature_shift_grid_sees_a_shift_that_the_spatial_mean_hides():
+    # ink moves from the left half of the feature map to the right: every channel's mean over
+    # space is unchanged, each half's is not
+    rng = np.random.default_rng(2)
+    draw = lambda n: torch.tensor(rng.normal(size=(n, 3, 4, 4)))  # noqa: E731
+    moved = torch.zeros(1, 3, 4, 4)
+    moved[..., :2], moved[..., 2:] = -1.0, 1.0
+    assert torch.allclose(_pool(moved, 1), torch.zeros(1, 3))
+    assert _pool(draw(5), 2).shape == (5, 12)
+    z = {}
+    for grid in (1, 2):
+        state = UserState(2, (1, 4, 4))
+        state.set_feature_reference(_pool(draw(200), grid).numpy())
+        z[grid] = state.observe_features(_pool(draw(20) + moved, grid).numpy(), 20, slack=100.0)
+    assert z[1] < 4 < z[2]
 
 
 def test_feature_shift_cusum_accumulates_a_persistent_moderate_shift():

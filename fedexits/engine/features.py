@@ -16,8 +16,14 @@ import torch
 from .device import module_device
 
 
-def _pool(features: torch.Tensor) -> torch.Tensor:
-    return features.flatten(2).mean(2) if features.dim() > 2 else features
+def _pool(features: torch.Tensor, grid: int = 1) -> torch.Tensor:
+    """(N, C) features averaged over space, or (N, C * grid * grid) averaged over each cell of a
+    grid x grid partition of the feature map."""
+    if features.dim() <= 2:
+        return features
+    if grid == 1:
+        return features.flatten(2).mean(2)
+    return torch.nn.functional.adaptive_avg_pool2d(features, grid).flatten(1)
 
 
 def _chunks(n: int, size: int):
@@ -114,13 +120,14 @@ class FrozenFeatures:
         return features, self.final_logits[index]
 
     @torch.no_grad()
-    def pooled(self, exit_index: int = 0) -> torch.Tensor:
-        """(N, C) the features at exit `exit_index`'s attach point, averaged over space: a
-        summary of what the frozen network sees (the orchestrator's feature-shift rule)."""
+    def pooled(self, exit_index: int = 0, grid: int = 1) -> torch.Tensor:
+        """(N, C * grid * grid) the features at exit `exit_index`'s attach point, averaged over
+        space (or over the cells of a grid): a summary of what the frozen network sees (the
+        orchestrator's feature-shift rule)."""
         if exit_index in self.cached_features:
-            return _pool(self.cached_features[exit_index]).cpu()
+            return _pool(self.cached_features[exit_index], grid).cpu()
         parts = [
-            _pool(self.model.backbone_features(self.x[sl], upto=exit_index + 1)[0][exit_index])
+            _pool(self.model.backbone_features(self.x[sl], upto=exit_index + 1)[0][exit_index], grid)
             for sl in _chunks(len(self.x), self.chunk_size)
         ]
         return torch.cat(parts).cpu() if parts else torch.zeros(0, 0)

@@ -251,7 +251,7 @@ def _serve(policy, state: UserState, lifecycle: Lifecycle, inputs: DayInputs, pr
     if explores:
         explored = rng_for(config.seed, "explore", inputs.user, inputs.day).random(n) < rules.p_expl
         if rules.statistic == "feature_shift":
-            pooled = features.pooled().double().numpy()
+            pooled = features.pooled(grid=rules.shift_grid).double().numpy()
         else:
             losses = exploration_statistic(probs, state.threshold, active, rules.statistic)
     taken = torch.empty(n, dtype=torch.long)
@@ -369,7 +369,8 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
     if statistic == "feature_shift":
         state.recalibrated(threshold, active, np.zeros(0))
         reference = x if reference_x is None else reference_x
-        pooled = FrozenFeatures(lifecycle.model, reference, cache=False).pooled().double().numpy()
+        grid = config.orchestrator.shift_grid
+        pooled = FrozenFeatures(lifecycle.model, reference, cache=False).pooled(grid=grid).double().numpy()
         # not charged: on a device these features come with the night's backbone pass over the
         # buffer; the simulation recomputes the first blocks instead of threading them through
         state.set_feature_reference(pooled)
