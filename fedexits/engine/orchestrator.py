@@ -70,8 +70,8 @@ class OrchestratorConfig:
     statistic: str = "feature_shift"  # what the drift rule tracks (STATISTICS)
     shift_window: int = 20  # feature_shift: inputs compared with the calibration samples (one day)
     # 1 (the spatial mean): grid 3 (with alarm 12) tied on the tuning users' targets over drift
-    # seeds 0-2 with fewer false alarms, but cells blank on a small calibration set (an image's
-    # corners) make z explode on one odd input (z 465 for a steady test user): not robust
+    # seeds 0-2 with fewer false alarms, but cells blank on a small calibration set (at the image's
+    # edge) make z explode on one day's inputs (z 465 for a steady test user): not robust
     shift_grid: int = 1  # feature_shift: features averaged over each cell of a grid x grid partition
     # slack 2, alarm 8: on the tuning users 92% (synthetic) and 93% (LEAF) of drifted users
     # flagged, against 77% and 71% for one window's z > 8 (slack 8, alarm 0), still no false
