@@ -311,6 +311,7 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: OrchestratorConfig(statistic="entropy"), "lifecycle.orchestrator.statistic"),
         (lambda: OrchestratorConfig(statistic="disagreement", p_expl=0), "lifecycle.orchestrator.p_expl"),
         (lambda: OrchestratorConfig(shift_window=1), "lifecycle.orchestrator.shift_window"),
+        (lambda: OrchestratorConfig(shift_test="mahalanobis"), "lifecycle.orchestrator.shift_test"),
         (lambda: OrchestratorConfig(min_new_share=0), "lifecycle.orchestrator.min_new_share"),
         (lambda: OrchestratorConfig(epochs=0), "lifecycle.orchestrator.epochs"),
         (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),

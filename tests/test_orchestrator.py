@@ -6,6 +6,7 @@ import torch
 
 from fedexits.engine.features import _pool
 from fedexits.engine.orchestrator import OrchestratorConfig, UserState, served_disagreement
+from fedexits.engine.shift_tests import hotelling_z
 
 
 def test_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
@@ -42,6 +43,35 @@ def test_feature_shift_grid_sees_a_shift_that_the_spatial_mean_hides():
         state.set_feature_reference(_pool(draw(200), grid).numpy())
         z[grid] = state.observe_features(_pool(draw(20) + moved, grid).numpy(), 20, slack=100.0)
     assert z[1] < 4 < z[2]
+
+
+def test_hotelling_z_is_standard_without_a_shift_even_on_few_calibration_samples():
+    # the diagonal test's spreads come from the calibration samples alone; the Hotelling test's
+    # F law accounts for them, so a small reference does not widen z's tails
+    rng = np.random.default_rng(4)
+    mixing = np.eye(8) + 0.9 * np.eye(8, k=1)
+    draw = lambda n: rng.normal(size=(n, 8)) @ mixing * np.arange(1, 9)  # noqa: E731
+    for m in (10, 200):
+        z = []
+        for _ in range(300):
+            reference = draw(m)
+            z.append(hotelling_z(draw(20), reference.mean(0), np.cov(reference.T), m))
+        z = np.array(z)
+        assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2 and z.max() < 4.5, (m, z.mean(), z.std(), z.max())
+
+
+def test_hotelling_sees_a_shift_against_the_correlations_that_the_diagonal_test_misses():
+    # two features that move together; the window moves them apart by 0.3 sd each
+    rng = np.random.default_rng(5)
+    mixing = np.array([[1.0, 0.95], [0.0, 0.31]])  # correlation 0.95
+    draw = lambda n, shift=0.0: rng.normal(size=(n, 2)) @ mixing + shift * np.array([1.0, -1.0])  # noqa: E731
+    reference, window = draw(200), draw(20, shift=0.3)
+    z = {}
+    for test in ("diagonal", "hotelling"):
+        state = UserState(2, (1, 4, 4))
+        state.set_feature_reference(reference, test)
+        z[test] = state.observe_features(window, 20, slack=100.0)
+    assert z["diagonal"] < 2 < 4 < z["hotelling"], z
 
 
 def test_feature_shift_cusum_accumulates_a_persistent_moderate_shift():

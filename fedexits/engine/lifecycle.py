@@ -373,7 +373,7 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
         pooled = FrozenFeatures(lifecycle.model, reference, cache=False).pooled(grid=grid).double().numpy()
         # not charged: on a device these features come with the night's backbone pass over the
         # buffer; the simulation recomputes the first blocks instead of threading them through
-        state.set_feature_reference(pooled)
+        state.set_feature_reference(pooled, config.orchestrator.shift_test)
     else:
         state.recalibrated(threshold, active, exploration_statistic(probs, threshold, active, statistic))
     profile = sweep(probs, targets, lifecycle.flops, active, thresholds=[threshold]).iloc[0]

@@ -9,12 +9,10 @@ Three phases:
   has shifted", on every input, needing no exploration. The first exit's features (computed for
   every input anyway), averaged over space (or over each cell of a `shift_grid` x `shift_grid`
   partition of the feature map: where on the image the strokes are, which the mean hides), of the
-  last `shift_window` inputs are compared with the calibration samples': z = (T - 1) /
-  sqrt(2 / dof), T the mean over features of the squared standardised difference of means (about
-  1 without a shift), dof the features' effective number (C^2 / sum of squared correlations on
-  the calibration samples, C features). Each window's z feeds a
-  CUSUM, S <- max(0, S + z - `shift_slack`), drift when S > `shift_alarm`: a shift that stays
-  moderate adds up over a few windows (slack 8, alarm 0 is the single-window test z > 8). It
+  last `shift_window` inputs are compared with the calibration samples' by a two-sample test
+  (`shift_test`, engine.shift_tests: `diagonal` or `hotelling`). Each window's z feeds a CUSUM,
+  S <- max(0, S + z - `shift_slack`), drift when S > `shift_alarm`: a shift that stays moderate
+  adds up over a few windows (slack 8, alarm 0 is the single-window test z > 8). It
   was chosen because on the tuning users the writer drift did not raise the exits' loss (the
   shared exits hold up on the new writer) and no loss rule flagged it.
   The loss rules: the paper's cross-entropy of each selected early exit against the final exit's
@@ -53,10 +51,10 @@ import torch
 
 from ..errors import SettingsError
 from .calibration import exits_taken
+from .shift_tests import SHIFT_TESTS, diagonal_z, effective_features, floor_spread, hotelling_z
 
 STATISTICS = ("feature_shift", "disagreement", "cross_entropy")
 SD_FLOOR = 0.25  # a calibration spread of the statistic below this is treated as this (no division by ~0)
-FEATURE_SD_FLOOR = 1e-3  # per channel, relative to the mean spread: a constant channel adds nothing
 
 
 @dataclass
@@ -73,6 +71,7 @@ class OrchestratorConfig:
     # seeds 0-2 with fewer false alarms, but cells blank on a small calibration set (at the image's
     # edge) make z explode on one day's inputs (z 465 for a steady test user): not robust
     shift_grid: int = 1  # feature_shift: features averaged over each cell of a grid x grid partition
+    shift_test: str = "diagonal"  # feature_shift: the two-sample test of each window (SHIFT_TESTS)
     # slack 2, alarm 8: on the tuning users 92% (synthetic) and 93% (LEAF) of drifted users
     # flagged, against 77% and 71% for one window's z > 8 (slack 8, alarm 0), still no false
     # alarm (18 users without drift; 45 in runs without any drift); z > 4 raised false alarms
@@ -109,6 +108,7 @@ class OrchestratorConfig:
             ("statistic", self.statistic in STATISTICS, f"one of {', '.join(STATISTICS)}"),
             ("shift_window", self.shift_window >= 2, "an integer >= 2"),
             ("shift_grid", self.shift_grid >= 1, "an integer >= 1"),
+            ("shift_test", self.shift_test in SHIFT_TESTS, f"one of {', '.join(SHIFT_TESTS)}"),
             ("shift_slack", self.shift_slack >= 0, ">= 0"),
             ("shift_alarm", self.shift_alarm >= 0, ">= 0"),
             ("cusum_slack", self.cusum_slack >= 0, ">= 0"),
@@ -161,7 +161,8 @@ class UserState:
     reference_n: int = 0  # ... and how many samples
     feature_mean: np.ndarray = None  # float64 (C,): the first exit's pooled features on the ...
     feature_sd: np.ndarray = None  # ... calibration samples: their mean and spread per channel ...
-    feature_dof: float = math.nan  # ... and the channels' effective number
+    feature_dof: float = math.nan  # ... the channels' effective number ...
+    feature_cov: np.ndarray = None  # ... and their covariance (C, C) for the hotelling test, else (0, 0)
     window_features: np.ndarray = None  # float32 (<= shift_window, C): the latest inputs' ...
     window_days: np.ndarray = None  # ... and their days
     cusum: float = 0.0  # the drift statistic: CUSUM S (of the losses, or of the windows' z)
@@ -192,6 +193,7 @@ class UserState:
             "buffer_day": np.zeros(0, np.int64),
             "feature_mean": np.zeros(0),
             "feature_sd": np.zeros(0),
+            "feature_cov": np.zeros((0, 0)),
             "window_features": np.zeros((0, 0), np.float32),
             "window_days": np.zeros(0, np.int64),
         }
@@ -268,38 +270,42 @@ class UserState:
         self.threshold = max(self.threshold, config.raised_threshold)
         self.train_from_day = max(self.train_from_day, self.cusum_start_day)
 
-    def set_feature_reference(self, pooled: np.ndarray) -> None:
+    def set_feature_reference(self, pooled: np.ndarray, test: str = OrchestratorConfig.shift_test) -> None:
         """The reference of `feature_shift` from the calibration samples' pooled first-exit
-        features (n, C): mean, spread and effective number of channels; the window restarts."""
+        features (n, C): mean, spread, effective number of channels and, for the `hotelling`
+        test (engine.shift_tests), the covariance; the window restarts."""
         self.reference_n = len(pooled)
         self.window_features = np.zeros((0, pooled.shape[1]), np.float32)
         self.window_days = np.zeros(0, np.int64)
+        self.feature_cov = np.zeros((0, 0))
         if len(pooled) < 2:
             self.feature_mean, self.feature_sd, self.feature_dof = np.zeros(0), np.zeros(0), math.nan
             return
-        sd = pooled.std(0, ddof=1)
         self.feature_mean = pooled.mean(0)
-        self.feature_sd = np.maximum(sd, FEATURE_SD_FLOOR * max(sd.mean(), 1e-12))
-        correlation = np.nan_to_num(np.corrcoef((pooled / self.feature_sd).T), nan=0.0)
-        np.fill_diagonal(correlation, 1.0)
-        self.feature_dof = float(len(sd) ** 2 / (correlation**2).sum())
+        self.feature_sd = floor_spread(pooled.std(0, ddof=1))
+        self.feature_dof = effective_features(pooled, self.feature_sd)
+        if test == "hotelling":
+            self.feature_cov = np.cov(pooled.T, ddof=1).reshape(len(self.feature_sd), -1)
 
     def observe_features(self, pooled: np.ndarray, window: int, slack: float) -> float:
         """Append inputs' pooled features (n, C), keep the latest `window`, and when the window is
-        full, test it and feed its z to the CUSUM: S <- max(0, S + z - slack); when S leaves
-        zero, `cusum_start_day` <- the day of the window's oldest input. Returns z (nan while
-        the window is not full). Nothing is kept before the first reference."""
+        full, test it against the reference (the test the reference was set for) and feed its z
+        to the CUSUM: S <- max(0, S + z - slack); when S leaves zero, `cusum_start_day` <- the
+        day of the window's oldest input. Returns z (nan while the window is not full, or too
+        small for the features). Nothing is kept before the first reference."""
         if not len(self.feature_sd):
             return math.nan
         self.window_features = np.concatenate([self.window_features, pooled.astype(np.float32)])[-window:]
         self.window_days = np.concatenate([self.window_days, np.full(len(pooled), self.day)])[-window:]
         if len(self.window_features) < window:
             return math.nan
-        n, m = len(self.window_features), self.reference_n
-        difference = (self.window_features.mean(0) - self.feature_mean) / self.feature_sd
-        t = float((difference**2 / (1 / n + 1 / m)).mean())
-        z = (t - 1) / math.sqrt(2 / self.feature_dof)
-        self._cusum_step(z - slack, int(self.window_days[0]))
+        window_features, m = self.window_features, self.reference_n
+        if self.feature_cov.size:
+            z = hotelling_z(window_features.astype(np.float64), self.feature_mean, self.feature_cov, m)
+        else:
+            z = diagonal_z(window_features, self.feature_mean, self.feature_sd, self.feature_dof, m)
+        if not math.isnan(z):
+            self._cusum_step(z - slack, int(self.window_days[0]))
         return z
 
     def recalibrated(self, threshold: float, active: list[bool], losses: np.ndarray) -> None:
