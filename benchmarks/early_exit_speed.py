@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 from fedexits.engine import ExitCosts, OnnxEarlyExit, dynamic_inference, export_onnx
 from fedexits.engine.inference import fold_batchnorm
 from fedexits.engine.profiling import interleaved_medians_ms
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.report.files import atomic_write_json
 
 TIE_TOLERANCE = 1e-4  # confidences this close to the threshold may leave differently
@@ -148,6 +150,7 @@ def ratio(rows, slow: str, fast: str) -> float:
     return sum(r[slow] for r in rows) / sum(r[fast] for r in rows)
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
@@ -262,4 +265,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from fedexits.engine import (
 from fedexits.engine.losses import exit_loss
 from fedexits.engine.personalise import batch_bounds, make_optimizer
 from fedexits.engine.profiling import interleaved_medians_ms
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.models import build_multi_exit, cost_table
 from fedexits.report.files import atomic_save_figure, atomic_write_json
 
@@ -178,6 +180,7 @@ def load_users(n: int, leaf: str | None) -> list[tuple[str, torch.Tensor, torch.
     return users
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
@@ -253,4 +256,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

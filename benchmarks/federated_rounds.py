@@ -19,6 +19,7 @@ import argparse
 import pickle
 import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,10 +31,12 @@ from fedexits.engine import PersonalisationConfig, personalise
 from fedexits.engine.features import FeatureStore, FrozenFeatures
 from fedexits.engine.local_training import LocalTrainingConfig, train_exits_locally
 from fedexits.engine.profiling import interleaved_medians_ms
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.report.files import atomic_write_json
 from fedexits.study import compose_config, get_worker, initial_exits, prepare, user_seed
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
@@ -182,4 +185,4 @@ def _train(worker, user, local):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.fl.runtime import run_in_simulation_engine
 from fedexits.report.files import atomic_write_json
 from fedexits.report.results import build_frames
@@ -49,6 +51,7 @@ def settings_for(clients: int, extra: list[str]):
     )
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -103,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

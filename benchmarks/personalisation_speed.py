@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
 from fedexits.engine import PersonalisationConfig, finetune_full, load_model, peak_memory_mb, personalise
 from fedexits.engine.profiling import interleaved_medians_ms
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.models import build_multi_exit, cost_table
 from fedexits.report.files import atomic_write_json
 
@@ -45,6 +47,7 @@ def user_images(n: int, seed: int, source: str | None):
     return x[keep], y[keep]
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -140,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

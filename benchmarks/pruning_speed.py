@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from fedexits.atomic import atomic_write
 from fedexits.engine import PersonalisationConfig, PruningConfig, final_network, load_model, prune_sweep
 from fedexits.engine.channel_pruning import FLOPS_TOLERANCE
 from fedexits.engine.profiling import interleaved_medians_ms
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.models import build_multi_exit
 
 
@@ -42,6 +44,7 @@ def infer(network, x) -> None:
     network(x)
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
@@ -131,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.report.files import atomic_write_json
 
 
@@ -47,6 +48,7 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> Non
     raise SystemExit(f"error: the Ray head did not listen on port {port} within {timeout_s:.0f} s")
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=6391)
@@ -104,4 +106,4 @@ def forget_cluster(port: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

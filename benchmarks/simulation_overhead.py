@@ -10,12 +10,14 @@ Writes JSON with `flower_over_loop` and checks that both paths computed the same
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.fl.runtime import run_in_simulation_engine
 from fedexits.report.files import atomic_write_json
 from fedexits.report.results import build_frames
@@ -30,6 +32,7 @@ from fedexits.study import (
 )
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
@@ -90,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,12 +14,13 @@ import logging
 import os
 import sys
 
-from fedexits.data import DataError
 from fedexits.data.cache import summary_line
 from fedexits.data.config import default_cache_dir
 from fedexits.data.hub import HUB_DATASET, hub_cache
+from fedexits.errors import exits_2_on_bad_input
 
 
+@exits_2_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -33,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = None if args.parquet is None else (args.parquet[0] if len(args.parquet) == 1 else args.parquet)
-    try:
-        cache = hub_cache(path, os.path.abspath(os.path.expanduser(args.cache_dir)), args.dataset)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    cache = hub_cache(path, os.path.abspath(os.path.expanduser(args.cache_dir)), args.dataset)
     print(f"cache: {cache.path}")
     print(summary_line(cache))
     print(f"dark-on-white images inverted: {cache.info.get('inverted', 0)}")

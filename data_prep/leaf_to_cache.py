@@ -13,23 +13,20 @@ import logging
 import os
 import sys
 
-from fedexits.data import DataError
 from fedexits.data.cache import summary_line
 from fedexits.data.config import default_cache_dir
 from fedexits.data.leaf import leaf_cache
+from fedexits.errors import exits_2_on_bad_input
 
 
+@exits_2_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="LEAF data folder with train/*.json and test/*.json")
     parser.add_argument("--cache-dir", default=default_cache_dir(), help="cache root (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cache = leaf_cache(args.source, os.path.abspath(os.path.expanduser(args.cache_dir)))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    cache = leaf_cache(args.source, os.path.abspath(os.path.expanduser(args.cache_dir)))
     print(f"cache: {cache.path}")
     print(summary_line(cache))
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from fedexits.errors import EXIT_BAD_INPUT
 from fedexits.report.files import atomic_write_csv, atomic_write_text
 from fedexits.report.lifecycle_sweep import (
     LIFECYCLE_FIELDS,
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         table = write_sweep_report(args.sweep_dir, args.out)
     except SweepError as error:
         print(f"fedexits.collect: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except OSError as error:
         print(f"fedexits.collect: error: cannot write the sweep report: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,12 @@ All derive from ValueError, so notebook code that catches ValueError keeps worki
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
+EXIT_BAD_INPUT = 2  # the exit code of a command given bad input
+
 
 class FedexitsError(ValueError):
     """Bad input the user can fix; the message is one line naming the thing and what was expected."""
@@ -41,6 +47,21 @@ def one_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def exits_2_on_bad_input(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a command's `main` (returning its exit code): bad input (FedexitsError) prints one line
+    on stderr and returns EXIT_BAD_INPUT; any other exception is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def command(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except FedexitsError as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return command
 
 
 def check_settings(section: str, settings, checks: list[tuple[str, bool, str]]) -> None:

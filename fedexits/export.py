@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .engine import ExportSettings, export_user
 from .engine.saved_exits import EXITS_DIR, exits_file
-from .errors import FedexitsError, SettingsError, one_line
+from .errors import SettingsError, exits_2_on_bad_input
 from .study.prepare import GLOBAL_MODEL_FILE
 
 
@@ -47,6 +47,7 @@ def export_run_user(
     )
 
 
+@exits_2_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedexits.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory made with simulation.save_exits=true")
@@ -60,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporter", default=ExportSettings.exporter, help="torchscript (default) or dynamo")
     parser.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm as separate nodes")
     args = parser.parse_args(argv)
-    try:
-        manifest = export_run_user(
-            args.run_dir, args.user, args.out, args.init, exporter=args.exporter, fold_bn=not args.no_fold_bn
-        )
-    except FedexitsError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    manifest = export_run_user(
+        args.run_dir, args.user, args.out, args.init, exporter=args.exporter, fold_bn=not args.no_fold_bn
+    )
     print(f"exported {args.user} -> {manifest}")
     return 0
 

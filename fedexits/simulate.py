@@ -21,14 +21,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .errors import FedexitsError, one_line
+from .errors import EXIT_BAD_INPUT, FedexitsError, one_line
 from .report.files import atomic_write_text
 from .study.config import hydra_error_line, register_configs, to_study_config
 from .study.lifecycle import write_lifecycle_results
 from .study.prepare import prepare
 from .study.results import write_results
 
-EXIT_BAD_INPUT, EXIT_RUN_FAILED = 2, 1
+EXIT_RUN_FAILED = 1
 _job_exit_codes: list[int] = []  # of the jobs run by this process (a sweep runs several)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from fedexits.engine import (
 from fedexits.engine.features import FrozenFeatures
 from fedexits.engine.out_of_fold import OutOfFoldConfig, guard_decisions, personalise_out_of_fold
 from fedexits.engine.personalise import GUARD_METRICS, split_validation
+from fedexits.errors import exits_2_on_bad_input
 
 TARGETS = {
     "mean_drop_pp": 1.0,
@@ -227,6 +229,7 @@ def evaluate(records: dict, users: list[str], cost_table, metrics: list[str]) ->
     return pd.DataFrame(rows)
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
@@ -315,4 +318,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ Without --candidate a default grid runs (see CANDIDATES).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from fedexits.data.split import read_held_out_file, rng_for
 from fedexits.engine import load_model
 from fedexits.engine.features import FrozenFeatures
 from fedexits.engine.inference import exit_accuracies
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.fl.runtime import run_with_clients
 from fedexits.fl.server_app import federated_exits
 from fedexits.report.files import atomic_write_csv, atomic_write_text
@@ -100,6 +102,7 @@ def split_users(
     }
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every candidate")
@@ -214,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +37,8 @@ from fedexits.engine.lifecycle import Lifecycle
 from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, run_lifecycle
 from fedexits.engine.orchestrator import OrchestratorConfig
+from fedexits.errors import exits_2_on_bad_input
+from fedexits.report.files import atomic_write_csv
 from fedexits.report.lifecycle import target_metrics
 from fedexits.study import compose_config
 from fedexits.study.prepare import prepare
@@ -139,6 +142,7 @@ def seeds(text: str) -> list[int]:
     return [int(seed) for seed in text.split(",")]
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["fig4", "run", "sweep"])
@@ -198,10 +202,10 @@ def main() -> None:
                 rows.append({"drift_seed": seed, "candidate": name, "policy": policy, **row.to_dict()})
                 rows[-1] |= {**against_baselines(row, reference), "seconds": seconds}
                 print(json.dumps(rows[-1], default=float))
+            atomic_write_csv(pd.DataFrame(rows), out / "sweep.csv")  # a crash keeps what finished
     table = pd.DataFrame(rows).set_index(["drift_seed", "candidate", "policy"])
-    table.to_csv(out / "sweep.csv")
     print(table.round(3).T.to_string())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

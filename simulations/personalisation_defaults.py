@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.report.results import build_frames
 from fedexits.study import compose_config, get_worker, initial_exits, prepare, run_users_in_process
 
@@ -48,6 +50,7 @@ def summarise(per_user: pd.DataFrame) -> dict:
     }
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedexits.simulate")
@@ -90,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

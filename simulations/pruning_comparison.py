@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from fedexits.data import build_population
 from fedexits.data.split import stable_seed
 from fedexits.engine import PersonalisationConfig, PruningConfig, TrainConfig, prune_sweep, train_global
 from fedexits.engine.pruning import final_network, predict
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.models import MultiExitSpec, build_multi_exit
 
 METHODS = {
@@ -134,6 +136,7 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/pruning_comparison"))
@@ -172,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

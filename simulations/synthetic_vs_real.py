@@ -12,10 +12,12 @@ report global accuracy on new users, the spread across users and the personalisa
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+from fedexits.errors import exits_2_on_bad_input
 from fedexits.report import load_run
 from fedexits.report.markdown import markdown_table
 from fedexits.report.results import build_frames
@@ -48,6 +50,7 @@ def population_stats(
     }
 
 
+@exits_2_on_bad_input
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -97,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -87,7 +87,7 @@ def test_converter_cli_fills_the_cache_build_population_uses(leaf_dir, tmp_path,
     assert len(built) == 1
     population = build_population(config(root, cache))
     assert population.cache.path == str(cache / built[0])
-    assert run_cli([str(tmp_path / "nowhere"), "--cache-dir", str(cache)]) == 1
+    assert run_cli([str(tmp_path / "nowhere"), "--cache-dir", str(cache)]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 

@@ -294,3 +294,31 @@ def test_the_wheel_carries_the_configuration(tmp_path):
         "experiment/imagenet.yaml",
     ):
         assert f"fedexits/conf/{expected}" in names, expected
+
+
+def test_every_script_turns_bad_input_into_one_line_and_exit_code_2(capsys):
+    import ast
+
+    from fedexits.errors import EXIT_BAD_INPUT, SettingsError, exits_2_on_bad_input
+
+    root = Path(__file__).parent.parent
+    for script in sorted(
+        [*root.glob("simulations/*.py"), *root.glob("benchmarks/*.py"), *root.glob("data_prep/*.py")]
+    ):
+        tree = ast.parse(script.read_text())
+        main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+        assert any(getattr(d, "id", None) == "exits_2_on_bad_input" for d in main.decorator_list), script.name
+
+    @exits_2_on_bad_input
+    def command(value):
+        if value < 0:
+            raise SettingsError(f"--value must be >= 0, got {value}\nsecond line")
+        if value == 0:
+            raise ZeroDivisionError("a bug")
+        return None
+
+    assert command(1) == 0
+    assert command(-1) == EXIT_BAD_INPUT == 2
+    assert capsys.readouterr().err == "error: --value must be >= 0, got -1\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        command(0)
