@@ -47,7 +47,8 @@ def diagonal_z(window: np.ndarray, mean: np.ndarray, sd: np.ndarray, dof: float,
 def hotelling_z(window: np.ndarray, mean: np.ndarray, covariance: np.ndarray, m: int) -> float:
     """z of the two-sample Hotelling test: `window` (n, C) against a reference of m samples (mean,
     covariance with ddof 1). Directions the pooled covariance does not span are left out (q <= C);
-    nan when n + m - q - 1 < 1 (too few samples for the features)."""
+    nan when n + m - q - 1 < 1 (too few samples for the features). With nearly as many features
+    as samples, the normal approximation is poor and z too low (a missed shift, not an alarm)."""
     n = len(window)
     window_covariance = np.cov(window.T, ddof=1).reshape(covariance.shape)
     pooled = ((n - 1) * window_covariance + (m - 1) * covariance) / (n + m - 2)
