@@ -58,6 +58,8 @@ def test_hotelling_z_is_standard_without_a_shift_even_on_few_calibration_samples
             z.append(hotelling_z(draw(20), reference.mean(0), np.cov(reference.T), m))
         z = np.array(z)
         assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2 and z.max() < 4.5, (m, z.mean(), z.std(), z.max())
+    constant = np.ones((30, 8))  # blank inputs: no feature varies, nothing to test
+    assert np.isnan(hotelling_z(constant[:20] + 1.0, constant.mean(0), np.cov(constant.T), 30))
 
 
 def test_hotelling_sees_a_shift_against_the_correlations_that_the_diagonal_test_misses():

@@ -47,7 +47,7 @@ def diagonal_z(window: np.ndarray, mean: np.ndarray, sd: np.ndarray, dof: float,
 def hotelling_z(window: np.ndarray, mean: np.ndarray, covariance: np.ndarray, m: int) -> float:
     """z of the two-sample Hotelling test: `window` (n, C) against a reference of m samples (mean,
     covariance with ddof 1). Directions the pooled covariance does not span are left out (q <= C);
-    nan when n + m - q - 1 < 1 (too few samples for the features). With nearly as many features
+    nan when no direction varies (q = 0) or n + m - q - 1 < 1 (too few samples). With nearly as many features
     as samples, the normal approximation is poor and z too low (a missed shift, not an alarm)."""
     n = len(window)
     window_covariance = np.cov(window.T, ddof=1).reshape(covariance.shape)
@@ -59,7 +59,7 @@ def hotelling_z(window: np.ndarray, mean: np.ndarray, covariance: np.ndarray, m:
     t2 = float((projected**2 / values[kept]).sum()) / (1 / n + 1 / m)
     q = int(kept.sum())
     d2 = n + m - q - 1
-    if d2 < 1:
+    if q == 0 or d2 < 1:
         return math.nan
     f = t2 * d2 / (q * (n + m - 2))
     a, b = 2 / (9 * q), 2 / (9 * d2)
