@@ -9,13 +9,13 @@ from fedexits.engine.orchestrator import OrchestratorConfig, UserState, served_d
 from fedexits.engine.shift_tests import hotelling_z
 
 
-def test_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
+def test_diagonal_feature_shift_z_is_standard_without_a_shift_and_large_with_one():
     rng = np.random.default_rng(0)
     scale = np.array([0.1, 1.0, 5.0, 20.0, 3.0, 0.5])  # channels on very different scales
     mixing = np.eye(6) + 0.8 * np.eye(6, k=1)  # correlated neighbours: fewer effective channels
     draw = lambda n, shift=0.0: (rng.normal(size=(n, 6)) @ mixing + shift) * scale + 3.0  # noqa: E731
     state = UserState(2, (1, 4, 4))
-    state.set_feature_reference(draw(200))
+    state.set_feature_reference(draw(200), "diagonal")
     assert 1.5 < state.feature_dof < 6
     window, z = 20, []
     for _ in range(300):
