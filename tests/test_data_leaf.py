@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedexits.data import DataError, build_population, leaf
+from fedexits.data import cache as cache_module
 from tests.data_helpers import write_leaf
 
 WRITERS = {
@@ -76,6 +77,30 @@ def test_cache_reused_and_rebuilt_when_source_changes(leaf_dir, tmp_path, monkey
     write_leaf(str(root), WRITERS | {"f0007_07": (15, 2)}, seed=1)  # the source changed
     third = build_population(config(root, tmp_path / "cache"))
     assert calls == [1] and "f0007_07" in third.user_counts
+
+
+def test_cache_follows_the_source_bytes_not_their_file_times(leaf_dir, tmp_path, monkeypatch):
+    # a copied or touched folder (new times, same bytes) keeps its cache; same-size new bytes do not
+    root, _ = leaf_dir
+    first = build_population(config(root, tmp_path / "cache"))
+    calls, hashed = [], []
+    real_convert, real_sha256 = leaf.convert_leaf, cache_module._sha256
+    monkeypatch.setattr(leaf, "convert_leaf", lambda *a: calls.append(1) or real_convert(*a))
+    monkeypatch.setattr(cache_module, "_sha256", lambda f: hashed.append(f) or real_sha256(f))
+    build_population(config(root, tmp_path / "cache"))
+    assert calls == [] and hashed == []  # unchanged: one stat per file, nothing read
+    files = sorted(str(f) for f in root.rglob("*.json"))
+    for file in files:
+        os.utime(file, ns=(1, 1))
+    touched = build_population(config(root, tmp_path / "cache"))
+    assert calls == [] and sorted(hashed) == files and touched.cache.path == first.cache.path
+    text = open(files[0]).read()
+    digit = text.index('"y": [') + len('"y": [')  # a label's first digit: same size, still valid
+    with open(files[0], "w") as f:
+        f.write(text[:digit] + ("2" if text[digit] == "1" else "1") + text[digit + 1 :])
+    os.utime(files[0], ns=(1, 1))
+    build_population(config(root, tmp_path / "cache"))
+    assert calls == [1]
 
 
 def test_converter_cli_fills_the_cache_build_population_uses(leaf_dir, tmp_path, capsys):

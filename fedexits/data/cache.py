@@ -1,7 +1,8 @@
 """The compact on-disk cache shared by every FEMNIST-like source.
 
 One folder per (source, settings): images.npy (N, 28, 28) uint8 ink bright, labels.npy (N,)
-int16, and index.json (user -> [row offset, count], the settings that made the cache, file sizes).
+int16, and index.json (user -> [row offset, count], the settings that made the cache, file sizes,
+and the source files' sizes and SHA-256 digests: a changed source means a rebuilt cache).
 A user's images are contiguous, so loading one is a slice of a memory map, and opening the cache
 is one small JSON read plus two memory maps: cheap enough for every Flower client process.
 
@@ -38,6 +39,44 @@ _RAW_FILE = "images.raw"
 
 class CacheInvalid(Exception):
     """The cache folder is missing, stale or damaged; the message says which and why."""
+
+
+def _sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_index(folder: str) -> dict:
+    """A cache folder's index.json, or {} if there is none that can be read."""
+    try:
+        with open(os.path.join(folder, INDEX_FILE)) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def source_fingerprint(files: list[str], base: str | None, recorded: dict) -> tuple[list, dict]:
+    """([name, size, SHA-256] of every source file, {name: mtime_ns}). The digests decide
+    whether a cache is stale, so a copied or touched source (new times, same bytes) is not
+    rebuilt. A file whose size and modification time match `recorded` (the cache's index) keeps
+    the digest recorded there unread: an unchanged source costs one stat per file."""
+    recorded_mtimes = recorded.get("source_mtimes") or {}
+    known = {e[0]: e for e in recorded.get("fingerprint") or [] if isinstance(e, list) and len(e) == 3}
+    fingerprint, mtimes = [], {}
+    for file in files:
+        name = os.path.relpath(file, base) if base else file
+        stat = os.stat(file)
+        mtimes[name] = stat.st_mtime_ns
+        entry = known.get(name)
+        unchanged = (
+            entry is not None and entry[1] == stat.st_size and recorded_mtimes.get(name) == stat.st_mtime_ns
+        )
+        fingerprint.append([name, stat.st_size, entry[2] if unchanged else _sha256(file)])
+    return fingerprint, mtimes
 
 
 def cache_name(kind: str, settings: dict) -> str:
@@ -120,7 +159,9 @@ class CacheWriter:
         self._chunks.setdefault(user, []).append((self._rows, len(images)))
         self._rows += len(images)
 
-    def finish(self, settings: dict, fingerprint=None, info: dict | None = None) -> None:
+    def finish(
+        self, settings: dict, fingerprint=None, info: dict | None = None, source_mtimes: dict | None = None
+    ) -> None:
         self._raw.close()
         raw_path = os.path.join(self.directory, _RAW_FILE)
         shape = (self._rows, *self.image_shape)
@@ -143,6 +184,7 @@ class CacheWriter:
             "format": FORMAT_VERSION,
             "settings": settings,
             "fingerprint": fingerprint,
+            "source_mtimes": source_mtimes or {},
             "num_images": self._rows,
             "image_shape": list(self.image_shape),
             "file_sizes": {
@@ -221,14 +263,20 @@ def open_or_build(
     kind: str,
     settings: dict,
     build: Callable[[CacheWriter], dict | None],
-    fingerprint=None,
+    sources: list[str] | None = None,
+    base: str | None = None,
 ) -> ImageCache:
     """Open the image cache for `settings`, building it with `build(writer)` if missing or invalid.
 
     `build` adds every user to the writer and returns statistics to record in the index.
+    `sources`: the files it reads (named relative to `base` if given); a change of their content
+    rebuilds the cache (`source_fingerprint`).
     """
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    fingerprint = json.loads(json.dumps(fingerprint))
+    fingerprint, mtimes = None, {}
+    if sources is not None:
+        recorded = _read_index(os.path.join(cache_root, cache_name(kind, settings)))
+        fingerprint, mtimes = source_fingerprint(sources, base, recorded)
 
     def build_into(directory: str) -> None:
         writer = CacheWriter(directory)
@@ -236,7 +284,7 @@ def open_or_build(
             started = time.perf_counter()
             info = dict(build(writer) or {})
             info["build_seconds"] = round(time.perf_counter() - started, 2)
-            writer.finish(settings, fingerprint, info)
+            writer.finish(settings, fingerprint, info, mtimes)
         finally:
             writer.abort()
         log.info("built %s cache in %.1f s", kind, info["build_seconds"])

@@ -173,14 +173,13 @@ def hub_cache(path: str | list[str] | None, cache_dir: str, dataset_id: str = HU
     """The compact cache of hub FEMNIST (downloaded) or of local parquet files, built once."""
     if path is None:
         settings = {"source": "femnist_hub", "dataset": dataset_id}
-        fingerprint = None
+        files = None
 
         def build(writer: CacheWriter) -> dict:
             return convert_dataset(_load_hub(dataset_id), writer, dataset_id)
     else:
         files = parquet_files(path)
         settings = {"source": "femnist_hub", "path": files}
-        fingerprint = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
 
         def build(writer: CacheWriter) -> dict:
             # datasets converts parquet to arrow files; keep them only for the conversion
@@ -190,4 +189,4 @@ def hub_cache(path: str | list[str] | None, cache_dir: str, dataset_id: str = HU
                 name = files[0] if len(files) == 1 else os.path.dirname(files[0])
                 return convert_dataset(dataset, writer, name)
 
-    return open_or_build(cache_dir, "femnist_hub", settings, build, fingerprint)
+    return open_or_build(cache_dir, "femnist_hub", settings, build, sources=files)

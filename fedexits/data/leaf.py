@@ -38,15 +38,6 @@ def find_leaf_files(path: str) -> list[str]:
     return files
 
 
-def leaf_fingerprint(path: str, files: list[str]) -> list:
-    """Relative name, size and mtime of every file: a changed source means a rebuilt cache."""
-    fingerprint = []
-    for file in files:
-        stat = os.stat(file)
-        fingerprint.append([os.path.relpath(file, path), stat.st_size, stat.st_mtime_ns])
-    return fingerprint
-
-
 def _load_json(file: str) -> dict:
     try:
         with open(file) as f:
@@ -114,5 +105,6 @@ def leaf_cache(path: str, cache_dir: str) -> ImageCache:
         "femnist_leaf",
         settings,
         lambda writer: convert_leaf(files, writer),
-        fingerprint=leaf_fingerprint(path, files),
+        sources=files,
+        base=path,
     )
