@@ -24,7 +24,7 @@ import torch
 from lifecycle_defaults import chosen_users, prepare_model
 
 from fedexits.engine.features import FrozenFeatures
-from fedexits.engine.shift_tests import diagonal_z, effective_features, floor_spread, hotelling_z
+from fedexits.engine.shift_tests import diagonal_z, hotelling_z, reference_summary
 from fedexits.errors import exits_2_on_bad_input
 from fedexits.report.files import atomic_write_csv
 from fedexits.study.protocol import user_seed
@@ -34,10 +34,10 @@ WINDOW = 20
 
 def z_scores(reference: np.ndarray, window: np.ndarray) -> dict[str, float]:
     m = len(reference)
-    sd = floor_spread(reference.std(0, ddof=1))
+    mean, sd, dof, covariance = reference_summary(reference, covariance=True)
     return {
-        "diagonal": diagonal_z(window, reference.mean(0), sd, effective_features(reference, sd), m),
-        "hotelling": hotelling_z(window, reference.mean(0), np.cov(reference.T, ddof=1), m),
+        "diagonal": diagonal_z(window, mean, sd, dof, m),
+        "hotelling": hotelling_z(window, mean, covariance, m),
     }
 
 

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import SettingsError
 from .calibration import exits_taken
-from .shift_tests import SHIFT_TESTS, diagonal_z, effective_features, floor_spread, hotelling_z
+from .shift_tests import SHIFT_TESTS, diagonal_z, hotelling_z, reference_summary
 
 STATISTICS = ("feature_shift", "disagreement", "cross_entropy")
 SD_FLOOR = 0.25  # a calibration spread of the statistic below this is treated as this (no division by ~0)
@@ -281,11 +281,8 @@ class UserState:
         if len(pooled) < 2:
             self.feature_mean, self.feature_sd, self.feature_dof = np.zeros(0), np.zeros(0), math.nan
             return
-        self.feature_mean = pooled.mean(0)
-        self.feature_sd = floor_spread(pooled.std(0, ddof=1))
-        self.feature_dof = effective_features(pooled, self.feature_sd)
-        if test == "hotelling":
-            self.feature_cov = np.cov(pooled.T, ddof=1).reshape(len(self.feature_sd), -1)
+        summary = reference_summary(pooled, covariance=test == "hotelling")
+        self.feature_mean, self.feature_sd, self.feature_dof, self.feature_cov = summary
 
     def observe_features(self, pooled: np.ndarray, window: int, slack: float) -> float:
         """Append inputs' pooled features (n, C), keep the latest `window`, and when the window is
