@@ -130,10 +130,12 @@ def test_shared_threshold_serves_from_the_first_day_and_a_drift_without_a_batch_
     assert lc.config.shared_threshold == shared and state.day == lc.config.stream.days
 
 
-@pytest.mark.parametrize("restart", [True, False])
-def test_a_reset_keeps_the_users_exits_unless_drift_restarts_from_the_shared_ones(population, restart):
+@pytest.mark.parametrize("on_drift, on_reset", [(True, True), (False, True), (True, False)])
+def test_a_reset_restarts_from_the_shared_exits_only_with_both_restart_rules(population, on_drift, on_reset):
+    restart = on_drift and on_reset
     settings = dict(batch_size=32, shared_threshold=0.9, raised_threshold=0.97, threshold_deviation=0.01)
-    settings |= dict(statistic="disagreement", restart_on_drift=restart, own_threshold=True)
+    settings |= dict(statistic="disagreement", restart_on_drift=on_drift, restart_on_reset=on_reset)
+    settings |= dict(own_threshold=True)
     lc = lifecycle(make_micro_model(), "writer", **settings)
     _, timeline = live(population, lc)
     night = int(timeline[timeline.trigger == "reset"].day.iloc[0])

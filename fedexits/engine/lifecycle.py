@@ -334,10 +334,11 @@ def _buffered(state: UserState, lifecycle: Lifecycle, rows: np.ndarray):
 
 def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: DayOutcome) -> None:
     """A flagged drift without a batch of new samples: back to the shared threshold (and, with
-    `restart_on_drift`, the shared exits), the exploration reference re-based on the samples since
-    the drift (the rule waits for `min_reference` of them); the data rule personalises once enough
-    have arrived."""
-    if lifecycle.config.orchestrator.restart_on_drift:
+    `restart_on_drift` and `restart_on_reset`, the shared exits), the exploration reference re-based
+    on the samples since the drift (the rule waits for `min_reference` of them); the data rule
+    personalises once enough have arrived."""
+    rules = lifecycle.config.orchestrator
+    if rules.restart_on_drift and rules.restart_on_reset:
         state.exits = None
     lifecycle.load(state.exits)
     if len(rows):

@@ -101,6 +101,7 @@ class OrchestratorConfig:
     # nightly uses): they personalise far less often than nightly, so each night can train longer
     epochs: int | None = 15
     restart_on_drift: bool = True  # a drift night (personalisation or reset) starts from the shared exits
+    restart_on_reset: bool = True  # with restart_on_drift, a reset night restarts too (else keeps exits)
 
     def __post_init__(self):
         checks = [
