@@ -130,11 +130,13 @@ def test_shared_threshold_serves_from_the_first_day_and_a_drift_without_a_batch_
     assert lc.config.shared_threshold == shared and state.day == lc.config.stream.days
 
 
-@pytest.mark.parametrize("on_drift, on_reset", [(True, True), (False, True), (True, False)])
-def test_a_reset_restarts_from_the_shared_exits_only_with_both_restart_rules(population, on_drift, on_reset):
-    restart = on_drift and on_reset
+@pytest.mark.parametrize("on_drift, reset_exits", [(True, "shared"), (False, "shared"), (True, "kept")])
+def test_a_reset_keeps_the_users_exits_unless_it_restarts_from_the_shared_ones(
+    population, on_drift, reset_exits
+):
+    restart = on_drift and reset_exits == "shared"
     settings = dict(batch_size=32, shared_threshold=0.9, raised_threshold=0.97, threshold_deviation=0.01)
-    settings |= dict(statistic="disagreement", restart_on_drift=on_drift, restart_on_reset=on_reset)
+    settings |= dict(statistic="disagreement", restart_on_drift=on_drift, reset_exits=reset_exits)
     settings |= dict(own_threshold=True)
     lc = lifecycle(make_micro_model(), "writer", **settings)
     _, timeline = live(population, lc)
@@ -148,6 +150,34 @@ def test_a_reset_restarts_from_the_shared_exits_only_with_both_restart_rules(pop
         assert after.exits.keys() == before.exits.keys()
         assert all(torch.equal(after.exits[n], before.exits[n]) for n in before.exits)
     assert after.threshold <= lc.config.shared_threshold and not after.drift_flagged
+
+
+@pytest.mark.parametrize("broken", ["user", "shared"])
+def test_a_better_reset_keeps_whichever_exits_score_higher_on_the_samples_since_the_drift(population, broken):
+    settings = dict(batch_size=32, shared_threshold=0.9, raised_threshold=0.97, threshold_deviation=0.01)
+    settings |= dict(statistic="disagreement", reset_exits="better", own_threshold=True)
+    lc = lifecycle(make_micro_model(), "writer", **settings)
+    _, timeline = live(population, lc)
+    reset_day = int(timeline[timeline.trigger == "reset"].day.iloc[0])
+    stream = user_stream(population, "u0", lc.config.stream, lc.config.drift, lc.config.seed)
+    state = lc.new_state()
+    for day in range(reset_day):
+        run_day("orchestrator", state, lc, stream.day(day))
+    # heads that answer one class whatever the input, against the trained shared heads
+    trained = {n: t.clone() for n, t in lc.shared_exits.items()}
+    zeroed = {n: torch.zeros_like(t) for n, t in trained.items()}
+    if broken == "user":
+        state.exits = zeroed
+    else:
+        state.exits, lc.shared_exits = trained, zeroed
+    record = run_day("orchestrator", state, lc, stream.day(reset_day)).record
+    assert record.trigger == "reset" and len(state.training_rows())  # samples to judge the exits on
+    if broken == "user":
+        assert state.exits is None  # back to the shared exits
+    else:
+        assert state.exits is trained
+    # calibrated on the samples since the drift, after judging both sets of exits on them
+    assert record.train_mflops == pytest.approx(3 * lc.calibration_mflops(len(state.training_rows())))
 
 
 def test_personalisation_skipped_when_the_data_rule_says_so(population):

@@ -11,6 +11,7 @@ from .orchestrator import OrchestratorConfig
 from .personalise import PersonalisationConfig
 
 POLICIES = ("never", "once", "nightly", "orchestrator", "orchestrator+fedavg")
+EXPLORING = ("orchestrator", "orchestrator+fedavg")  # the policies that watch for drift
 
 
 @dataclass

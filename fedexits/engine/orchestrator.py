@@ -12,9 +12,8 @@ Three phases:
   last `shift_window` inputs are compared with the calibration samples' by a two-sample test
   (`shift_test`, engine.shift_tests: `diagonal` or `hotelling`). Each window's z feeds a CUSUM,
   S <- max(0, S + z - `shift_slack`), drift when S > `shift_alarm`: a shift that stays moderate
-  adds up over a few windows (slack 8, alarm 0 is the single-window test z > 8). It
-  was chosen because on the tuning users the writer drift did not raise the exits' loss (the
-  shared exits hold up on the new writer) and no loss rule flagged it.
+  adds up over a few windows (slack 8, alarm 0 is the single-window test z > 8). On the tuning
+  users the writer drift did not raise the exits' loss (the shared exits hold up on the new writer).
   The loss rules: the paper's cross-entropy of each selected early exit against the final exit's
   top-1 (capped at ln(classes)) averaged over the selected exits (`statistic="cross_entropy"`),
   or whether the served answer differs from the final exit's (`"disagreement"`), on explored
@@ -35,7 +34,9 @@ Three phases:
   `threshold_deviation` above the calibrated one (a flagged drift). Such a night trains `epochs`
   epochs (more than nightly's: it comes far less often). Then the exits are recalibrated
   (`engine.calibrate`) and re-profiled, the statistic restarts from the new reference, and the
-  threshold returns to the calibrated one.
+  threshold returns to the calibrated one. A flagged drift with less than a batch since it began
+  is a *reset* night: the shared threshold, with the exits `reset_exits` says (`better`: the user's
+  if they beat the shared ones on the samples since the drift, as after a false alarm).
 
 The state is plain numbers and arrays (`UserState.to_arrays` / `UserState.from_arrays`), so it can
 live in Flower's Context.state between rounds (one round = one day).
@@ -54,6 +55,7 @@ from .calibration import exits_taken
 from .shift_tests import SHIFT_TESTS, diagonal_z, hotelling_z, reference_summary
 
 STATISTICS = ("feature_shift", "disagreement", "cross_entropy")
+RESET_EXITS = ("shared", "kept", "better")  # `better`: which scores higher on the samples since the drift
 SD_FLOOR = 0.25  # a calibration spread of the statistic below this is treated as this (no division by ~0)
 
 
@@ -101,7 +103,7 @@ class OrchestratorConfig:
     # nightly uses): they personalise far less often than nightly, so each night can train longer
     epochs: int | None = 15
     restart_on_drift: bool = True  # a drift night (personalisation or reset) starts from the shared exits
-    restart_on_reset: bool = True  # with restart_on_drift, a reset night restarts too (else keeps exits)
+    reset_exits: str = "shared"  # what a reset night serves (RESET_EXITS; `shared` honours restart_on_drift)
 
     def __post_init__(self):
         checks = [
@@ -110,6 +112,7 @@ class OrchestratorConfig:
             ("shift_window", self.shift_window >= 2, "an integer >= 2"),
             ("shift_grid", self.shift_grid >= 1, "an integer >= 1"),
             ("shift_test", self.shift_test in SHIFT_TESTS, f"one of {', '.join(SHIFT_TESTS)}"),
+            ("reset_exits", self.reset_exits in RESET_EXITS, f"one of {', '.join(RESET_EXITS)}"),
             ("shift_slack", self.shift_slack >= 0, ">= 0"),
             ("shift_alarm", self.shift_alarm >= 0, ">= 0"),
             ("cusum_slack", self.cusum_slack >= 0, ">= 0"),
