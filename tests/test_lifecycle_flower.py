@@ -167,6 +167,11 @@ def test_two_days_through_flower_keep_each_users_state_in_context(tmp_path):
     assert healthy.groupby(["user", "policy"]).day.nunique().eq(2).all()
     nightly = healthy[healthy.policy == "nightly"].pivot_table(index="user", columns="day", values="buffered")
     assert (nightly[1] > nightly[0]).all()  # day 1 added to the buffer day 0 left in Context.state
+    state = healthy[healthy.policy == "nightly"].pivot_table(
+        index="user", columns="day", values="state_bytes"
+    )
+    assert (state[0] > 0).all() and (state[1] > state[0]).all()  # the buffer is most of it
+    assert "Largest per-user state kept in Context.state" in (out / "report.md").read_text()
     assert healthy[(healthy.policy == "nightly") & (healthy.day == 0)].personalised.all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["status"]["status"] == "ok"

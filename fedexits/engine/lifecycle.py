@@ -71,6 +71,7 @@ class DayRecord:
     new_samples: int = 0
     train_samples: int = 0
     personalise_s: float = 0.0
+    state_bytes: int = 0  # the user's state arrays after tonight: what Context.state carries for it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +230,7 @@ def run_day(
     night(policy, state, lifecycle, inputs.user, start_exits, outcome)
     record.calibrated_threshold = state.calibrated_threshold
     record.buffered, record.new_samples = state.buffered, state.new_samples
+    record.state_bytes = state.nbytes()
     state.day += 1
     return outcome
 

@@ -203,17 +203,30 @@ def write_lifecycle_report(
     plot_compute_vs_accuracy(metrics, out / COMPUTE_PNG)
     plot_fig4(fig4, out / FIG4_PNG)
     checks = target_checks(metrics) if len(metrics) else []
-    text = lifecycle_markdown(metrics, checks, failures, fig4, meta)
+    state_kb = state_size_kb(details)
+    text = lifecycle_markdown(metrics, checks, failures, fig4, meta, state_kb)
     atomic_write_text(out / "report.md", text)
     return {
         "meta": meta,
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in checks],
         "policies": metrics.reset_index().to_dict("records"),
         "drift_users": sum(d is not None for d in drift_days.values()),
+        "state_kb": state_kb,
     }
 
 
-def lifecycle_markdown(metrics, checks, failures: pd.DataFrame, fig4: pd.DataFrame, meta: dict) -> str:
+def state_size_kb(details: pd.DataFrame) -> dict[str, float]:
+    """The largest per-user state Context.state carried between two days, in kB: every policy's
+    together (`all`) and each policy's (empty without a `state_bytes` column)."""
+    if "state_bytes" not in details or not len(details):
+        return {}
+    together = details.groupby(["user", "day"]).state_bytes.sum().max()
+    return {"all": together / 1024, **(details.groupby("policy").state_bytes.max() / 1024).to_dict()}
+
+
+def lifecycle_markdown(
+    metrics, checks, failures: pd.DataFrame, fig4: pd.DataFrame, meta: dict, state_kb: dict | None = None
+) -> str:
     config, status = meta["lifecycle"], meta["status"]
     stream, drift = config["stream"], config["drift"]
     met = {True: "yes", False: "**no**", None: "n/a"}
@@ -232,6 +245,15 @@ def lifecycle_markdown(metrics, checks, failures: pd.DataFrame, fig4: pd.DataFra
         f"{stream['label_fraction']}; {drift_text}; buffer {config['buffer_size']} inputs. "
         f"Full network: {meta['full_mflops']:.1f} MFLOPs per input. Policies share every stream.",
         "",
+    ]
+    if state_kb:
+        per_policy = ", ".join(f"{policy} {kb:.0f}" for policy, kb in state_kb.items() if policy != "all")
+        lines += [
+            f"Largest per-user state kept in Context.state between days: {state_kb['all']:.0f} kB for "
+            f"all policies together (per policy, kB: {per_policy}).",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         markdown_table(pd.DataFrame(checks, columns=["target", "measured", "met"]), formats={"met": met.get}),
