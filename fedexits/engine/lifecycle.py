@@ -59,7 +59,7 @@ class DayRecord:
     personalised: bool  # the exits were personalised tonight
     train_mflops: float  # compute spent tonight on personalisation and calibration
     calibrated_threshold: float = float("nan")
-    trigger: str = ""  # what happened tonight: once, nightly, data, drift, calibrate, or ""
+    trigger: str = ""  # what happened tonight: once, nightly, data, drift, reset, calibrate, or ""
     inputs: int = 0
     measured: int = 0
     explored: int = 0
