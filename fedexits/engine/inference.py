@@ -117,6 +117,12 @@ def exit_accuracies(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
     return (probs.argmax(-1) == targets).double().mean(dim=1).tolist()  # exact ratios, no float32 tails
 
 
+def labels_or_final(probs: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Targets for exits' probabilities (M+1, N, classes): the label where known, else the final
+    exit's top-1 (the pseudo-label personalisation trains unlabelled samples on)."""
+    return torch.where(labelled, y, probs[-1].argmax(-1))
+
+
 def fold_batchnorm(model):
     """An inference copy with every BatchNorm folded into the preceding convolution (as a mobile
     runtime deploys it): same outputs up to rounding, fewer ops per block. Blocks, heads and the

@@ -12,7 +12,7 @@ import torch
 from ..data.split import stable_seed
 from .calibration import calibrate, cost_only_pruning, sweep
 from .features import FrozenFeatures
-from .inference import exit_accuracies, exit_probabilities
+from .inference import exit_accuracies, exit_probabilities, labels_or_final
 from .lifecycle_config import EXPLORING, LifecycleConfig
 from .orchestrator import UserState, exploration_statistic
 from .personalise import personalise, split_validation
@@ -101,7 +101,7 @@ def _exit_accuracy(lifecycle: Lifecycle, exits, x, y, labelled) -> float:
     """Mean top-1 accuracy of the early exits `exits`; unlabelled samples count the (frozen) final exit's."""
     lifecycle.load(exits)
     probs = exit_probabilities(lifecycle.model, x)
-    return float(np.mean(exit_accuracies(probs[:-1], torch.where(labelled, y, probs[-1].argmax(-1)))))
+    return float(np.mean(exit_accuracies(probs[:-1], labels_or_final(probs, y, labelled))))
 
 
 def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference_x=None) -> None:
@@ -112,7 +112,7 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
     there (`cost_only_pruning`: confidences and costs, no labels), unless `own_threshold` lets a
     cheaper certificate of the run's calibration rule replace it."""
     probs = exit_probabilities(lifecycle.model, x)
-    targets = torch.where(labelled, y, probs[-1].argmax(-1))
+    targets = labels_or_final(probs, y, labelled)
     calibration = calibrate(probs, targets, lifecycle.cost_table, lifecycle.latency, lifecycle.calibration)
     threshold, active = calibration.threshold, calibration.active_exits
     config, shared = lifecycle.config, lifecycle.config.shared_threshold

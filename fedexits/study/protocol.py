@@ -16,7 +16,7 @@ from ..data.split import stable_seed
 from ..engine.calibration import CalibrationConfig, ExitCosts, apply_calibration, calibrate, sweep
 from ..engine.channel_pruning import ChannelShare
 from ..engine.features import FrozenFeatures
-from ..engine.inference import exit_accuracies, exit_probabilities
+from ..engine.inference import exit_accuracies, exit_probabilities, labels_or_final
 from ..engine.latency import LatencySettings
 from ..engine.out_of_fold import personalise_out_of_fold
 from ..engine.personalise import METHODS, PersonalisationConfig, split_validation
@@ -82,7 +82,7 @@ def run_user(
         else:
             calib_idx = torch.arange(len(x))
         probs_calib = exit_probabilities(model, x[calib_idx])
-        targets = torch.where(labelled[calib_idx], y[calib_idx], probs_calib[-1].argmax(-1))
+        targets = labels_or_final(probs_calib, y[calib_idx], labelled[calib_idx])
     chosen = calibrate(probs_calib, targets, cost_table, latency, calibration)
     at_threshold = apply_calibration(probs_test, y_test, chosen, cost_table, latency)
     test_sweep = sweep(probs_test, y_test, ExitCosts.flops(cost_table), chosen.active_exits, latency)
