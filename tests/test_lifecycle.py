@@ -224,6 +224,22 @@ def test_orchestrator_epochs_train_longer_charge_it_and_leave_nightly_alone(popu
     assert nightly[0].train_mflops.tolist() == nightly[1].train_mflops.tolist()
 
 
+def test_orchestrator_lr_steps_its_nights_harder_at_the_same_charge_and_leaves_nightly_alone(population):
+    # a fresh model per run: a Lifecycle takes the model's exits at its start as the shared ones
+    base_state, base = live(population, lifecycle(make_micro_model(), "none", min_new_samples=40))
+    fast_state, fast = live(population, lifecycle(make_micro_model(), "none", min_new_samples=40, lr=0.05))
+    assert base.train_mflops.tolist() == fast.train_mflops.tolist() and base.train_mflops.sum() > 0
+    assert base_state.exits and fast_state.exits
+    assert any(not torch.equal(base_state.exits[k], fast_state.exits[k]) for k in base_state.exits)
+    nightly = [
+        live(population, lifecycle(make_micro_model(), "none", ("nightly",), lr=lr), policy="nightly")
+        for lr in (None, 0.05)
+    ]
+    nightly = [state.exits for state, _ in nightly]
+    assert nightly[0].keys() == nightly[1].keys()
+    assert all(torch.equal(nightly[0][k], nightly[1][k]) for k in nightly[0])
+
+
 def test_a_buffer_smaller_than_a_batch_never_personalises(population):
     lc = lifecycle(make_micro_model(), "none", policies=("nightly",), batch_size=32)
     _, timeline = live(population, lc, policy="nightly", days=4)
@@ -349,6 +365,7 @@ def test_accuracy_vs_samples_keeps_the_fail_safe_and_restores_the_exits():
         (lambda: OrchestratorConfig(shift_test="mahalanobis"), "lifecycle.orchestrator.shift_test"),
         (lambda: OrchestratorConfig(min_new_share=0), "lifecycle.orchestrator.min_new_share"),
         (lambda: OrchestratorConfig(epochs=0), "lifecycle.orchestrator.epochs"),
+        (lambda: OrchestratorConfig(lr=0), "lifecycle.orchestrator.lr"),
         (lambda: LifecycleConfig(shared_threshold=1.5), "lifecycle.shared_threshold"),
         (
             lambda: LifecycleConfig(

@@ -64,8 +64,8 @@ def night(policy, state: UserState, lifecycle: Lifecycle, user, start_exits, out
         outcome.record.train_samples = len(rows)
     elif trigger:
         seed = _seed(config, "lifecycle-personalise", user, state.day)
-        epochs = rules.epochs if policy in EXPLORING else None  # the orchestrators' own
-        _personalise(state, lifecycle, rows, start, seed, outcome, epochs)
+        own = {"epochs": rules.epochs, "lr": rules.lr} if policy in EXPLORING else {}  # the orchestrators'
+        _personalise(state, lifecycle, rows, start, seed, outcome, {k: v for k, v in own.items() if v})
     if trigger and policy in ("never", "once"):
         state.clear_buffer()
 
@@ -139,10 +139,11 @@ def _calibrate(state: UserState, lifecycle: Lifecycle, x, y, labelled, reference
 
 
 def _personalise(
-    state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome, epochs=None
+    state: UserState, lifecycle: Lifecycle, rows, start, seed: int, outcome: DayOutcome, own=None
 ):
-    """Tonight's personalisation from `start` on the buffer `rows` for `epochs` (None: the config's)."""
-    config = replace(lifecycle.personalisation, seed=seed, epochs=epochs or lifecycle.personalisation.epochs)
+    """Tonight's personalisation from `start` on the buffer `rows`, with the settings `own`
+    (epochs, lr) in place of the personalisation config's."""
+    config = replace(lifecycle.personalisation, seed=seed, **(own or {}))
     x, y, labelled = _buffered(state, lifecycle, rows)
     lifecycle.load(start)
     result = personalise(lifecycle.model, x, y, labelled, config)

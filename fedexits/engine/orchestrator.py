@@ -102,6 +102,7 @@ class OrchestratorConfig:
     # personalisation epochs of the orchestrators' nights (None: personalisation.epochs, what
     # nightly uses): they personalise far less often than nightly, so each night can train longer
     epochs: int | None = 15
+    lr: float | None = None  # learning rate of the orchestrators' nights (None: personalisation.lr)
     restart_on_drift: bool = True  # a drift night (personalisation or reset) starts from the shared exits
     reset_exits: str = "shared"  # what a reset night serves (RESET_EXITS; `shared` honours restart_on_drift)
 
@@ -123,6 +124,7 @@ class OrchestratorConfig:
             ("min_new_samples", self.min_new_samples >= 1, "an integer >= 1"),
             ("min_new_share", self.min_new_share is None or self.min_new_share > 0, "> 0 or null"),
             ("epochs", self.epochs is None or self.epochs >= 1, "an integer >= 1 or null"),
+            ("lr", self.lr is None or self.lr > 0, "> 0 or null"),
             ("threshold_deviation", 0 <= self.threshold_deviation <= 1, "in [0, 1]"),
         ]
         for name, ok, expected in checks:
