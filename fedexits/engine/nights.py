@@ -84,15 +84,16 @@ def _reset(state: UserState, lifecycle: Lifecycle, rows: np.ndarray, outcome: Da
     rules = lifecycle.config.orchestrator
     data = _buffered(state, lifecycle, rows) if len(rows) else None
     keep = rules.reset_exits == "kept" or (rules.reset_exits == "shared" and not rules.restart_on_drift)
-    if rules.reset_exits == "better" and data is not None and state.exits:
+    compared = rules.reset_exits == "better" and data is not None and bool(state.exits)
+    if compared:
         keep = _exit_accuracy(lifecycle, state.exits, *data) > _exit_accuracy(lifecycle, None, *data)
-        outcome.record.train_mflops += 2 * lifecycle.calibration_mflops(len(rows))
     if not keep:
         state.exits = None
     lifecycle.load(state.exits)
     if data is not None:
         _calibrate(state, lifecycle, *data)
-        outcome.record.train_mflops += lifecycle.calibration_mflops(len(rows))
+        # a device calibrates on the chosen exits' pass of the comparison: two passes, not three
+        outcome.record.train_mflops += (2 if compared else 1) * lifecycle.calibration_mflops(len(rows))
     else:
         state.recalibrated(lifecycle.config.shared_threshold, [True] * state.num_exits, np.zeros(0))
 
