@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedexits.engine import TrainConfig, load_model, measure_latency, peak_memory_mb, train_global
-from fedexits.engine.checkpoint import save_checkpoint
+from fedexits.engine.checkpoint import read_checkpoint, save_checkpoint
 from fedexits.engine.profiling import latency_costs
 from fedexits.errors import CheckpointError
 from fedexits.models import build_multi_exit
@@ -49,6 +49,10 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     assert resumed_history["epoch_loss"] == pytest.approx(history["epoch_loss"])
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
+    # the checkpoint says what made its weights (a resumed run on other threads would add a line)
+    made_with = [f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    assert history["made_with"] == resumed_history["made_with"] == made_with
+    assert read_checkpoint(path)["history"]["made_with"] == made_with
 
 
 @pytest.mark.parametrize("threads", [1, 2])

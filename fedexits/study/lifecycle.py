@@ -197,6 +197,7 @@ def write_lifecycle_results(out_dir: str | Path, prepared: Prepared, outcome: Li
         "personalisation": {k: v for k, v in asdict(settings.personalisation).items() if k != "seed"},
         "calibration": asdict(settings.calibration),
         "model": prepared.plan.architecture,
+        "global_training": {**asdict(settings.global_training), **prepared.training},
         "full_mflops": ExitCosts.flops(prepared.cost_table).full,
         "fedavg_nights": outcome.fedavg_nights,
         "timings": {**prepared.timings, **outcome.timings},

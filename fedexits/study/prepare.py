@@ -142,6 +142,7 @@ def prepare(settings: StudyConfig, progress: bool = True, run_dir: str | Path | 
             "checkpoint": str(path),
             "epoch_loss": history["epoch_loss"],
             "train_seconds": history["seconds"],
+            "made_with": history.get("made_with", ["not recorded"]),
             "images": len(global_set),
         },
         latency_table=latency_table,
