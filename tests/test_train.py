@@ -50,7 +50,8 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
     # the checkpoint says what made its weights (a resumed run on other threads would add a line)
-    made_with = [f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    cpu = torch.backends.cpu.get_cpu_capability()
+    made_with = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}"]
     assert history["made_with"] == resumed_history["made_with"] == made_with
     assert read_checkpoint(path)["history"]["made_with"] == made_with
 

@@ -167,8 +167,10 @@ def train_global(
                 bar.update(task, advance=1, loss=total / batches)
             history["epoch_loss"].append(total / max(batches, 1))
             history["seconds"] += time.perf_counter() - started
-            # what made the weights: another torch or thread count trains (slightly) other weights
-            made_with = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+            # what made the weights: another torch, thread count or CPU kernel set (AVX2, AVX512)
+            # trains slightly other weights, and every result downstream moves with them
+            cpu = torch.backends.cpu.get_cpu_capability()
+            made_with = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}"
             history["made_with"] = sorted({*history.get("made_with", []), made_with})
             log.info(
                 "global training epoch %d/%d: loss %.4f (%.0f s)",
