@@ -29,6 +29,7 @@ TEST_RULES = {
     "min_new_samples": 40,
     "min_new_share": None,  # the count rule alone, unless a test says otherwise
     "epochs": None,  # the personalisation config's
+    "lr": None,  # the personalisation config's
     "min_reference": 8,
     "cusum_alarm": 40.0,
 }
