@@ -10,8 +10,9 @@ from fedexits.engine.calibration import THRESHOLDS, CalibrationConfig
 from fedexits.engine.lifecycle import TIMING_COLUMNS, Lifecycle, run_day
 from fedexits.engine.lifecycle_config import POLICIES, LifecycleConfig, check_buffer
 from fedexits.engine.lifecycle_run import accuracy_vs_samples, average_exits, run_lifecycle
-from fedexits.engine.orchestrator import STATISTICS, OrchestratorConfig, UserState
+from fedexits.engine.orchestrator import STATISTICS, OrchestratorConfig
 from fedexits.engine.personalise import PersonalisationConfig
+from fedexits.engine.user_state import UserState
 from fedexits.errors import SettingsError
 
 from .lifecycle_helpers import SquaresPopulation, make_micro_model, square_dataset

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 
 from fedexits.engine.features import _pool
-from fedexits.engine.orchestrator import OrchestratorConfig, UserState, served_disagreement
+from fedexits.engine.orchestrator import OrchestratorConfig, served_disagreement
 from fedexits.engine.shift_tests import hotelling_z
+from fedexits.engine.user_state import UserState
 
 
 def test_diagonal_feature_shift_z_is_standard_without_a_shift_and_large_with_one():

@@ -32,7 +32,7 @@ from .lifecycle_config import POLICIES, LifecycleConfig
 from .lifecycle_run import LifecycleResult, accuracy_vs_samples, average_exits, run_lifecycle
 from .losses import ExitLossWeights, exit_loss, sdn_exit_weights, sdn_loss
 from .onnx_runtime import OnnxEarlyExit
-from .orchestrator import OrchestratorConfig, UserState
+from .orchestrator import OrchestratorConfig
 from .out_of_fold import OutOfFoldConfig, OutOfFoldResult, personalise_out_of_fold
 from .personalise import (
     METHODS,
@@ -61,6 +61,7 @@ from .pruning import (
 )
 from .saved_exits import SavedExits, apply_exits, exits_file, load_exits, save_exits
 from .train import TRAIN_PRESETS, TrainConfig, train_global
+from .user_state import UserState
 
 __all__ = [
     "CALIBRATION_PRESETS", "ROUTES", "RULES", "LTT_THRESHOLDS", "THRESHOLDS", "Calibration",

@@ -36,8 +36,9 @@ from .calibration import CalibrationConfig, ExitCosts, exits_taken
 from .features import FrozenFeatures
 from .lifecycle_config import EXPLORING, POLICIES, LifecycleConfig, check_buffer
 from .nights import night
-from .orchestrator import UserState, exploration_statistic
+from .orchestrator import exploration_statistic
 from .personalise import PersonalisationConfig, training_step_mflops
+from .user_state import UserState
 
 TIMING_COLUMNS = ("personalise_s",)  # differ between runs with the same seed
 

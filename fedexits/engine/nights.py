@@ -14,8 +14,9 @@ from .calibration import calibrate, cost_only_pruning, sweep
 from .features import FrozenFeatures
 from .inference import exit_accuracies, exit_probabilities, labels_or_final
 from .lifecycle_config import EXPLORING, LifecycleConfig
-from .orchestrator import UserState, exploration_statistic
+from .orchestrator import exploration_statistic
 from .personalise import personalise, split_validation
+from .user_state import UserState
 
 if TYPE_CHECKING:
     from .lifecycle import DayOutcome, Lifecycle

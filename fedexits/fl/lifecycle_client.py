@@ -1,7 +1,7 @@
 """Lifecycle mode on the client (the ClientApp's `train.live_day`): every virtual client is one
 user; one server round is one day.
 
-The user's state under every policy (`engine.orchestrator.UserState`: personalised exits,
+The user's state under every policy (`engine.user_state.UserState`: personalised exits,
 threshold, buffer, exploration statistic) lives between rounds in Flower's per-node
 `Context.state`, one ArrayRecord and one ConfigRecord per policy, not in module globals or the
 Ray actor: it survives actor reuse and behaves the same under `flwr run`. The frozen model and
@@ -16,7 +16,7 @@ import json
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from ..engine.orchestrator import UserState
+from ..engine.user_state import UserState
 from ..errors import UserDataError
 from ..study.lifecycle import get_lifecycle_worker
 from .client_app import _partition, _user_error

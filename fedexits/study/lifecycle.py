@@ -21,7 +21,7 @@ from ..data.streams import drift_day, user_stream
 from ..engine import ExitCosts, load_model
 from ..engine.lifecycle import Lifecycle, day_features, run_day
 from ..engine.lifecycle_run import accuracy_vs_samples
-from ..engine.orchestrator import UserState
+from ..engine.user_state import UserState
 from ..errors import UserDataError, one_line
 from ..report.files import atomic_write_csv, atomic_write_json
 from ..report.lifecycle import TIMELINE_COLUMNS, write_lifecycle_report
